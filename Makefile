@@ -1,0 +1,30 @@
+# Two commands for a fresh machine (see README):
+#   make repro   install everything into .venv and run the whole DVC pipeline on the default data
+#   make test    install everything into .venv and run the test suite (incl. a micro `dvc repro`)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install repro test bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+repro: install
+	test -d .dvc || $(BIN)/dvc init -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+
+bench: install
+	for b in benchmarks/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
+
+clean-runs:
+	rm -rf .ray_runs .ray_tune

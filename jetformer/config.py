@@ -1,0 +1,502 @@
+"""Typed parameters: `params.yaml` + optional overlay files, validated before any compute.
+
+Config is plain data (big_vision style): nested dataclasses mirroring `params.yaml`.
+`load_config()` merges overlays (e.g. `experiments/presets/jetformer_l.yaml`,
+`experiments/ablations/no_flow.yaml`) and dotted overrides (`train.lr=3e-4`) onto the base
+file, then checks every key and type and the cross-field constraints. Any problem raises
+`ConfigError` naming the file, the key and the value.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PRESETS_DIR = REPO_ROOT / "experiments" / "presets"
+ABLATIONS_DIR = REPO_ROOT / "experiments" / "ablations"
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, has the wrong type, or is inconsistent with another."""
+
+
+# ----------------------------------------------------------------------------- schema
+@dataclass
+class SyntheticConfig:
+    """The embedded procedural "shapes" world (DESIGN §4)."""
+    out_dir: str = "data/raw/shapes"
+    num_train: int = 3000
+    num_val: int = 300
+    seed: int = 0
+    min_side: int = 40          # raw images have random sizes in [min_side, max_side] ...
+    max_side: int = 96          # ... and random aspect ratios, so resize + crop matter
+    bad_files: bool = True      # write a handful of deliberately bad files per split
+
+
+@dataclass
+class SourcePaths:
+    """Paths of a real source (ImageNet ImageFolder, COCO captions, VQAv2). Empty = unused."""
+    train_images: str = ""
+    val_images: str = ""
+    train_annotations: str = ""     # COCO captions JSON / VQAv2 annotations JSON
+    val_annotations: str = ""
+    train_questions: str = ""       # VQAv2 questions JSON
+    val_questions: str = ""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"       # synthetic | imagefolder | coco | vqav2
+    resolution: int = 32            # shorter side resized to this, then central crop
+    prepared_dir: str = "data/prepared"
+    workers: int = 2                # parallel prepare processes
+    shard_size: int = 1000          # images per Arrow shard
+    max_bad_fraction: float = 0.05  # fail if more than this fraction of files is unreadable
+    max_images: int = 0             # 0 = all; cap per split for quick runs
+    flip: bool = False              # random left-right flip in the loader (ImageNet recipe)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    imagefolder: SourcePaths = field(default_factory=SourcePaths)
+    coco: SourcePaths = field(default_factory=SourcePaths)
+    vqav2: SourcePaths = field(default_factory=SourcePaths)
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 128
+    model_path: str = ""            # use this sentencepiece .model instead of training one
+    out_path: str = "models/tokenizer.model"
+    max_text_len: int = 24          # text tokens per sequence incl. EOS (pad/truncate)
+
+
+@dataclass
+class PCAConfig:
+    enabled: bool = False
+    num_images: int = 4000          # paper: 4,000 training images
+    out_path: str = "models/pca.pt"
+
+
+@dataclass
+class FlowConfig:
+    """Jet (paper §4 'Architecture'): channel-wise affine couplings, ViT blocks predict scale/shift."""
+    num_couplings: int = 16
+    width: int = 64
+    depth: int = 1                  # ViT blocks per coupling
+    num_heads: int = 4
+    mlp_dim: int = 128
+    dropout: float = 0.0
+
+
+@dataclass
+class DecoderConfig:
+    """Gemma-style decoder (RMSNorm, RoPE, MQA, GeGLU)."""
+    width: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    head_dim: int = 32
+    mlp_dim: int = 512
+    dropout: float = 0.1
+    rope_base: float = 10000.0
+
+
+@dataclass
+class ModelConfig:
+    patch_size: int = 4
+    factored_dims: int = 16         # d: dims per token modelled by the transformer
+    # post_flow (default) | learnable_w | pca | none | no_flow   (paper Table 2)
+    factoring: str = "post_flow"
+    conditioning: str = "text"      # text (multimodal) | class
+    num_classes: int = 0            # class-conditional only; 0 = read from the prepared data
+    num_class_tokens: int = 16
+    num_mixtures: int = 4           # K of the GMM head (paper 1024)
+    latent_noise_max: float = 0.3   # per-example sigma ~ U(0, max) on text-first rows
+    ema_decay: float = 0.0          # 0 = no EMA
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class NoiseConfig:
+    """RGB noise curriculum (paper §3.2): sigma_t = final + (sigma0 - final)(1 + cos(pi t))/2."""
+    sigma0: float = 16.0
+    sigma_final: float = 0.0
+    curriculum_frac: float = 1.0    # fraction of training over which sigma decays (then stays final)
+
+
+@dataclass
+class TrainConfig:
+    task: str = "both"              # t2i | i2t | both (multimodal) | class (class-conditional)
+    steps: int = 2000
+    batch_size: int = 32            # global batch, split across workers
+    lr: float = 1e-3
+    warmup_frac: float = 0.1
+    weight_decay: float = 1e-4      # decoupled, NOT scaled by lr (official code)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    text_loss_weight: float = 0.0025
+    cfg_drop_prob: float = 0.1      # condition replaced by [NOLABEL]
+    flow_pretrain_steps: int = 0    # >0: two-stage ablation (flow alone vs N(0,I), then frozen)
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 10
+    sample_every: int = 0           # 0 = only at the end
+    num_workers: int = 2
+    use_gpu: str = "auto"           # auto | true | false
+    ray_address: str = ""           # "" = $RAY_ADDRESS or a local Ray
+    max_failures: int = 2
+    storage_dir: str = ".ray_runs"  # Ray run dirs live outside DVC outs so resume works
+    out_dir: str = "models/checkpoint"
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str = ""          # "" = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
+    experiment: str = "jetformer"
+    run_name: str = ""              # "" = derived from the config hash
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 300          # generated images for FID/PR/KID and attribute accuracy
+    cfg_scale: float = 2.0
+    temperature: float = 0.95
+    batch_size: int = 50
+    judge_steps: int = 600
+    judge_min_accuracy: float = 0.95
+    feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
+    inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download
+    finetune_steps: int = 300        # captioning / VQA fine-tuning
+    finetune_lr: float = 3e-4
+    max_decode_len: int = 24
+    num_nll_images: int = 300
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 1
+    max_concurrent_trials: int = 2
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0.0
+    storage_dir: str = ".ray_tune"
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    pca: PCAConfig = field(default_factory=PCAConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+    # -- helpers
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Flat `{"train.lr": 1e-3, ...}` view, e.g. for MLflow params."""
+        return flatten(self.to_dict())
+
+    def hash(self, sections: tuple[str, ...] | None = None, n: int = 10) -> str:
+        """Stable short hash of (some sections of) the config; names Ray runs (a changed
+        config must never silently resume an old run)."""
+        d = self.to_dict()
+        if sections is not None:
+            d = {k: d[k] for k in sections}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:n]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.data.resolution // self.model.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        """3p^2: dims of one flattened patch."""
+        return 3 * self.model.patch_size ** 2
+
+
+VALID_CHOICES = {
+    "data.source": ("synthetic", "imagefolder", "coco", "vqav2"),
+    "model.factoring": ("post_flow", "learnable_w", "pca", "none", "no_flow"),
+    "model.conditioning": ("text", "class"),
+    "train.task": ("t2i", "i2t", "both", "class"),
+    "train.use_gpu": ("auto", "true", "false"),
+    "eval.feature_extractor": ("auto", "domain", "inception"),
+}
+
+
+# ----------------------------------------------------------------------------- building
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Coerce/verify one leaf value against its annotated type."""
+    def bad(expected: str):
+        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} "
+                           f"({type(value).__name__})")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad("a boolean (true/false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(float(value)):
+            raise bad("a finite number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) and key == "train.use_gpu":  # YAML true/false
+            return "true" if value else "false"
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise ConfigError(f"{source}: unsupported type for '{key}'")  # schema bug
+
+
+def _build(cls, data: Any, prefix: str, source: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
+                          f"(valid keys in '{prefix.rstrip('.') or '<root>'}': {sorted(names)})")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], key + ".", source)
+        else:
+            kwargs[name] = _check_value(data[name], tp, key, source)
+    return cls(**kwargs)
+
+
+def _check_keys(overlay: dict, cls, prefix: str, source: str) -> None:
+    """Fail on overlay keys that do not exist in the schema (before merging)."""
+    _build(cls, _strip_leaves(overlay, cls), prefix, source)
+
+
+def _strip_leaves(d: dict, cls) -> dict:
+    # keep structure (to detect unknown keys) but check leaves later, after merging
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for k, v in d.items():
+        tp = hints.get(k)
+        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            out[k] = _strip_leaves(v, tp)
+        else:
+            out[k] = v
+    return out
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in overlay.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"parameter file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> dict:
+    """`train.noise.sigma0=32` -> {"train": {"noise": {"sigma0": 32}}} (value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def resolve_overlay(name_or_path: str | Path) -> Path:
+    """An overlay is a YAML path, or a preset/ablation name under `experiments/`."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise ConfigError(f"overlay file not found: {p}")
+        return p
+    for d in (PRESETS_DIR, ABLATIONS_DIR):
+        cand = d / f"{name_or_path}.yaml"
+        if cand.is_file():
+            return cand
+    known = sorted(x.stem for d in (PRESETS_DIR, ABLATIONS_DIR) if d.is_dir() for x in d.glob("*.yaml"))
+    raise ConfigError(f"unknown preset/ablation {str(name_or_path)!r}; known: {known}")
+
+
+def load_config_dict(params: str | Path | dict | None = "params.yaml",
+                     overlays: typing.Sequence[str | Path] = (),
+                     overrides: typing.Sequence[str] = ()) -> dict:
+    """The merged raw dict (keys checked per overlay, leaves not yet validated)."""
+    if params is None:
+        merged: dict = {}
+    elif isinstance(params, dict):
+        merged = copy.deepcopy(params)
+    else:
+        merged = read_yaml(params)
+    _check_keys(merged, Config, "", str(params) if not isinstance(params, dict) else "<params>")
+    for ov in overlays:
+        path = resolve_overlay(ov)
+        data = read_yaml(path)
+        _check_keys(data, Config, "", str(path))
+        merged = deep_merge(merged, data)
+    for text in overrides:
+        data = parse_override(text)
+        _check_keys(data, Config, "", f"override {text!r}")
+        merged = deep_merge(merged, data)
+    return merged
+
+
+def load_config(params: str | Path | dict | None = "params.yaml",
+                overlays: typing.Sequence[str | Path] = (),
+                overrides: typing.Sequence[str] = ()) -> Config:
+    """Load, merge and validate. Raises ConfigError naming the key and value on any problem."""
+    merged = load_config_dict(params, overlays, overrides)
+    source = str(params) if isinstance(params, (str, Path)) else "<params>"
+    if overlays or overrides:
+        source += " + " + ", ".join([str(o) for o in overlays] + list(overrides))
+    cfg = _build(Config, merged, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
+    cfg = _build(Config, d, "", "<dict>")
+    validate(cfg, "<dict>")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- validation
+def validate(cfg: Config, source: str = "<params>") -> None:
+    flat = cfg.flat()
+
+    def fail(key: str, msg: str):
+        raise ConfigError(f"{source}: key '{key}' = {flat.get(key)!r}: {msg}")
+
+    for key, choices in VALID_CHOICES.items():
+        if flat[key] not in choices:
+            fail(key, f"must be one of {list(choices)}")
+
+    positive_int = ["data.resolution", "data.workers", "data.shard_size", "tokenizer.vocab_size",
+                    "tokenizer.max_text_len", "model.patch_size", "model.num_class_tokens",
+                    "model.num_mixtures", "model.flow.width", "model.flow.num_heads",
+                    "model.flow.mlp_dim", "model.decoder.width", "model.decoder.depth",
+                    "model.decoder.num_heads", "model.decoder.head_dim", "model.decoder.mlp_dim",
+                    "train.steps", "train.batch_size", "train.num_workers", "train.checkpoint_every",
+                    "train.log_every", "eval.batch_size", "eval.max_decode_len",
+                    "data.synthetic.num_train", "data.synthetic.num_val", "tune.cpus_per_trial",
+                    "tune.max_concurrent_trials", "tune.num_samples"]
+    for key in positive_int:
+        if flat[key] <= 0:
+            fail(key, "must be > 0")
+    non_negative = ["model.flow.num_couplings", "model.flow.depth", "model.num_classes",
+                    "model.ema_decay", "model.latent_noise_max", "train.flow_pretrain_steps",
+                    "train.max_failures", "train.sample_every", "train.noise.sigma0",
+                    "train.noise.sigma_final", "train.weight_decay", "train.grad_clip",
+                    "data.max_images", "eval.num_samples", "eval.cfg_scale", "eval.judge_steps",
+                    "eval.finetune_steps", "eval.num_nll_images", "pca.num_images",
+                    "train.text_loss_weight", "tune.gpus_per_trial"]
+    for key in non_negative:
+        if flat[key] < 0:
+            fail(key, "must be >= 0")
+    for key in ["train.lr", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
+        if not flat[key] > 0:
+            fail(key, "must be > 0")
+    for key in ["train.warmup_frac", "train.cfg_drop_prob", "data.max_bad_fraction",
+                "model.flow.dropout", "model.decoder.dropout", "train.noise.curriculum_frac",
+                "eval.judge_min_accuracy"]:
+        if not 0.0 <= flat[key] <= 1.0:
+            fail(key, "must be in [0, 1]")
+    for key in ["model.ema_decay", "train.beta1", "train.beta2"]:
+        if not 0.0 <= flat[key] < 1.0:
+            fail(key, "must be in [0, 1)")
+
+    m, d, t = cfg.model, cfg.data, cfg.train
+    if d.resolution % m.patch_size:
+        fail("data.resolution", f"image size must be divisible by model.patch_size={m.patch_size}")
+    if m.factored_dims <= 0 or m.factored_dims > 3 * m.patch_size ** 2:
+        fail("model.factored_dims", f"must be in [1, 3*patch_size^2 = {3 * m.patch_size ** 2}]")
+    if m.factoring in ("none", "no_flow") and m.factored_dims != 3 * m.patch_size ** 2:
+        fail("model.factored_dims", f"factoring='{m.factoring}' models all dims: must equal "
+             f"3*patch_size^2 = {3 * m.patch_size ** 2}")
+    if m.factoring == "no_flow" and t.flow_pretrain_steps:
+        fail("train.flow_pretrain_steps", "two-stage training needs a flow (model.factoring != no_flow)")
+    if m.factoring == "pca" and not cfg.pca.enabled:
+        fail("pca.enabled", "model.factoring='pca' needs the fit_pca stage (pca.enabled: true)")
+    if m.factoring != "no_flow":
+        if m.flow.num_couplings <= 0:
+            fail("model.flow.num_couplings", "a flow needs at least one coupling")
+        if m.flow.width % m.flow.num_heads:
+            fail("model.flow.width", f"must be divisible by model.flow.num_heads={m.flow.num_heads}")
+    if m.decoder.width % m.decoder.num_heads and m.decoder.num_heads * m.decoder.head_dim <= 0:
+        fail("model.decoder.width", "inconsistent with num_heads")
+    if m.decoder.head_dim % 2:
+        fail("model.decoder.head_dim", "RoPE needs an even head_dim")
+    if (t.task == "class") != (m.conditioning == "class"):
+        fail("train.task", f"task '{t.task}' does not match model.conditioning '{m.conditioning}' "
+             "(use task 'class' exactly with conditioning 'class')")
+    if t.batch_size % t.num_workers:
+        fail("train.batch_size", f"global batch must be divisible by train.num_workers={t.num_workers}")
+    if t.flow_pretrain_steps >= t.steps:
+        fail("train.flow_pretrain_steps", f"must be < train.steps={t.steps}")
+    if t.noise.sigma_final > t.noise.sigma0:
+        fail("train.noise.sigma_final", f"must be <= train.noise.sigma0={t.noise.sigma0}")
+    if d.synthetic.min_side > d.synthetic.max_side:
+        fail("data.synthetic.min_side", f"must be <= data.synthetic.max_side={d.synthetic.max_side}")
