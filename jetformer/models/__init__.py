@@ -1,0 +1,1 @@
+"""Model components: Jet flow, factoring, GMM head, decoder, JetFormer."""
