@@ -476,6 +476,8 @@ def validate(cfg: Config, source: str = "<params>") -> None:
     if m.factoring in ("none", "no_flow") and m.factored_dims != 3 * m.patch_size ** 2:
         fail("model.factored_dims", f"factoring='{m.factoring}' models all dims: must equal "
              f"3*patch_size^2 = {3 * m.patch_size ** 2}")
+    if m.factoring in ("learnable_w", "pca") and m.factored_dims < 2:
+        fail("model.factored_dims", f"factoring='{m.factoring}' runs the flow on d dims: needs d >= 2")
     if m.factoring == "no_flow" and t.flow_pretrain_steps:
         fail("train.flow_pretrain_steps", "two-stage training needs a flow (model.factoring != no_flow)")
     if m.factoring == "pca" and not cfg.pca.enabled:
