@@ -8,11 +8,13 @@ file, then checks every key and type and the cross-field constraints. Any proble
 """
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import hashlib
 import json
 import math
+import operator
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,6 +322,8 @@ def _strip_leaves(d: dict, cls) -> dict:
         tp = hints.get(k)
         if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict):
             out[k] = _strip_leaves(v, tp)
+        elif tp in (int, float) and is_derived(v):
+            out[k] = tp(0)  # a derived value: its type is checked once it is computed
         else:
             out[k] = v
     return out
@@ -333,6 +337,110 @@ def deep_merge(base: dict, overlay: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
+
+
+# ----------------------------------------------------------------------------- derived values
+_DERIVED_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+                ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
+                ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+_DERIVED_FUNCS = {"min": min, "max": max, "round": round, "int": int}
+
+
+def is_derived(value: Any) -> bool:
+    return isinstance(value, str) and value.lstrip().startswith("=")
+
+
+def _leaf_types(cls, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            out.update(_leaf_types(tp, f"{prefix}{name}."))
+        else:
+            out[f"{prefix}{name}"] = tp
+    return out
+
+
+def resolve_derived(merged: dict) -> dict:
+    """Compute derived values once every overlay is merged, so an overlay can depend on the
+    preset beneath it. A number written as `"= <expression>"` is computed from other keys:
+    `factored_dims: "= 3 * model.patch_size ** 2"` (no factoring: all 3p^2 dims, whatever p),
+    `flow_pretrain_steps: "= train.steps // 4"`. Expressions use numbers, dotted keys (possibly
+    derived themselves), + - * / // % ** and min/max/round/int."""
+    types = _leaf_types(Config)
+    flat_all = flatten(deep_merge(Config().to_dict(), merged))
+    resolved: dict[str, Any] = {}
+
+    def value_of(key: str, stack: tuple[str, ...]) -> Any:
+        if key not in flat_all:
+            raise ConfigError(f"derived value of '{stack[-1]}' refers to unknown key '{key}'")
+        value = flat_all[key]
+        if types[key] not in (int, float) or not is_derived(value):
+            return value
+        if key in stack:
+            raise ConfigError(f"derived values form a cycle: {' -> '.join(stack + (key,))}")
+        if key not in resolved:
+            resolved[key] = _eval_derived(key, value, lambda k: value_of(k, stack + (key,)),
+                                          types[key])
+        return resolved[key]
+
+    for key in flat_all:
+        value_of(key, ())
+    out = copy.deepcopy(merged)
+    for key, value in resolved.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return out
+
+
+def _eval_derived(key: str, text: str, lookup, tp) -> int | float:
+    expr = text.lstrip()[1:].strip()
+
+    def fail(msg: str):
+        return ConfigError(f"key '{key}' = {text!r}: {msg}")
+
+    def dotted(node) -> str | None:
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            head = dotted(node.value)
+            return None if head is None else f"{head}.{node.attr}"
+        return None
+
+    def ev(node):
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _DERIVED_OPS:
+            return _DERIVED_OPS[type(node.op)](ev(node.left), ev(node.right))
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _DERIVED_OPS:
+            return _DERIVED_OPS[type(node.op)](ev(node.operand))
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in _DERIVED_FUNCS and not node.keywords):
+            return _DERIVED_FUNCS[node.func.id](*[ev(a) for a in node.args])
+        name = dotted(node)
+        if name is not None:
+            v = lookup(name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise fail(f"'{name}' = {v!r} is not a number")
+            return v
+        raise fail(f"unsupported expression {ast.unparse(node)!r} (numbers, dotted keys, "
+                   "+ - * / // % **, min/max/round/int)")
+
+    try:
+        result = ev(ast.parse(expr, mode="eval").body)
+    except SyntaxError:
+        raise fail("not a valid expression") from None
+    except (ArithmeticError, TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise fail(str(e)) from None
+    if tp is int:
+        if isinstance(result, float) and not result.is_integer():
+            raise fail(f"evaluates to {result}, but the key expects an integer")
+        return int(result)
+    return float(result)
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -400,7 +508,7 @@ def load_config_dict(params: str | Path | dict | None = "params.yaml",
         data = parse_override(text)
         _check_keys(data, Config, "", f"override {text!r}")
         merged = deep_merge(merged, data)
-    return merged
+    return resolve_derived(merged)
 
 
 def load_config(params: str | Path | dict | None = "params.yaml",
