@@ -1,0 +1,197 @@
+"""Experiments: presets and ablation overlays (merging, derived values, clear failures) and the
+MLflow comparison table (reads back exactly what was logged)."""
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jetformer.config import (ABLATIONS_DIR, PRESETS_DIR, REPO_ROOT, Config, ConfigError,
+                              load_config, load_config_dict)
+
+PARAMS = REPO_ROOT / "params.yaml"
+ABLATIONS = sorted(p.stem for p in ABLATIONS_DIR.glob("*.yaml"))
+PRESETS = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+# recipe presets layered over a size preset when both exist (the README's usage)
+RECIPES = [("jetformer_b", r) for r in ("imagenet256", "coco_t2i", "coco_ti")]
+
+
+def _bases():
+    bases = [()] + [(p,) for p in PRESETS]
+    bases += [pair for pair in RECIPES if all(p in PRESETS for p in pair)]
+    return bases
+
+
+def test_all_table2_rows_exist():
+    assert set(ABLATIONS) >= {"no_flow", "no_curriculum", "no_factoring", "two_stage",
+                              "learnable_w", "pca", "pca_no_curriculum", "one_mixture",
+                              "one_class_token"}
+    assert {"imagenet256", "coco_t2i", "coco_ti"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("base", _bases(), ids=lambda b: "+".join(b) or "params")
+def test_every_ablation_validates_on_every_preset(base):
+    """Each Table 2 overlay validates on top of params.yaml and of each preset, and changes
+    exactly what its row says, whatever the base's patch size, steps or noise."""
+    ref = load_config(PARAMS, overlays=list(base))
+    for name in ABLATIONS:
+        cfg = load_config(PARAMS, overlays=[*base, name])
+        m, t = cfg.model, cfg.train
+        if name in ("no_flow", "no_factoring"):
+            assert m.factoring == {"no_flow": "no_flow", "no_factoring": "none"}[name]
+            assert m.factored_dims == cfg.token_dim == 3 * ref.model.patch_size ** 2
+        if name == "two_stage":
+            assert t.flow_pretrain_steps == ref.train.steps // 4 > 0
+        if name in ("no_curriculum", "pca_no_curriculum"):
+            assert t.noise.sigma0 == t.noise.sigma_final == ref.train.noise.sigma_final
+        if name in ("pca", "pca_no_curriculum"):
+            assert m.factoring == "pca" and cfg.pca.enabled
+        if name == "learnable_w":
+            assert m.factoring == "learnable_w"
+        if name == "one_mixture":
+            assert m.num_mixtures == 1
+        if name == "one_class_token":
+            assert m.num_class_tokens == 1
+        # nothing else moves: the overlay touches only its own keys
+        changed = {k for k, v in cfg.flat().items() if ref.flat()[k] != v}
+        allowed = {"model.factoring", "model.factored_dims", "train.flow_pretrain_steps",
+                   "train.noise.sigma0", "pca.enabled", "model.num_mixtures", "model.num_class_tokens"}
+        assert changed <= allowed, (name, changed - allowed)
+
+
+def test_recipe_presets_follow_the_paper():
+    inet = load_config(PARAMS, overlays=["imagenet256"])
+    assert (inet.data.source, inet.data.resolution, inet.data.flip) == ("imagefolder", 256, True)
+    assert (inet.train.task, inet.model.conditioning, inet.model.num_class_tokens) == ("class", "class", 16)
+    assert (inet.train.batch_size, inet.train.lr, inet.model.decoder.dropout) == (2048, 1e-3, 0.1)
+    assert (inet.train.noise.sigma0, inet.train.noise.sigma_final) == (64.0, 0.0)
+    assert inet.num_image_tokens == 256 and inet.model.factored_dims == 128
+    for name, task in (("coco_t2i", "t2i"), ("coco_ti", "both")):
+        c = load_config(PARAMS, overlays=[name])
+        assert (c.data.source, c.train.task, c.model.conditioning) == ("coco", task, "text")
+        assert (c.train.noise.sigma0, c.train.noise.sigma_final) == (64.0, 3.0)
+        assert c.train.cfg_drop_prob == 0.1 and c.eval.cfg_scale > 0
+
+
+def test_overlay_merges_deeply_and_later_wins(tmp_path):
+    a = tmp_path / "a.yaml"
+    b = tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"train": {"noise": {"sigma0": 32, "sigma_final": 2}, "lr": 5e-4}}))
+    b.write_text(yaml.safe_dump({"train": {"noise": {"sigma0": 8}}}))
+    cfg = load_config(PARAMS, overlays=[a, b], overrides=["train.lr=2e-4"])
+    assert cfg.train.noise.sigma0 == 8.0          # b over a
+    assert cfg.train.noise.sigma_final == 2.0     # a's sibling kept
+    assert cfg.train.noise.curriculum_frac == Config().train.noise.curriculum_frac
+    assert cfg.train.lr == pytest.approx(2e-4)    # override over overlays
+    assert cfg.train.steps == Config().train.steps
+
+
+def test_derived_values_use_the_final_merged_config(tmp_path):
+    """The no_factoring overlay follows a patch size set *after* it, and two_stage the steps."""
+    bigger_p = tmp_path / "p8.yaml"
+    bigger_p.write_text(yaml.safe_dump({"model": {"patch_size": 8}}))
+    cfg = load_config(PARAMS, overlays=["no_factoring", bigger_p], overrides=["train.steps=40"])
+    assert cfg.model.factored_dims == 3 * 8 * 8
+    cfg = load_config(PARAMS, overlays=["two_stage"], overrides=["train.steps=40"])
+    assert cfg.train.flow_pretrain_steps == 10
+    raw = load_config_dict(PARAMS, overlays=["no_flow"])
+    assert raw["model"]["factored_dims"] == 48 and isinstance(raw["model"]["factored_dims"], int)
+
+
+@pytest.mark.parametrize("content, fragments", [
+    ({"train": {"noise": {"sigmo0": 3}}}, ["train.noise.sigmo0"]),                 # unknown key
+    ({"modle": {"factoring": "none"}}, ["modle"]),                                 # unknown section
+    ({"model": {"factoring": "sideways"}}, ["model.factoring", "sideways"]),       # bad choice
+    ({"model": {"factored_dims": "= 3 * model.patch_sise ** 2"}}, ["model.patch_sise"]),
+    ({"model": {"factored_dims": "= model.patch_size / 3"}}, ["model.factored_dims", "integer"]),
+    ({"model": {"factored_dims": "= open('x')"}}, ["model.factored_dims", "unsupported"]),
+    ({"train": {"steps": "= train.log_every", "log_every": "= train.steps"}}, ["cycle"]),
+])
+def test_invalid_overlay_fails_clearly(tmp_path, content, fragments):
+    ov = tmp_path / "bad_overlay.yaml"
+    ov.write_text(yaml.safe_dump(content))
+    with pytest.raises(ConfigError) as e:
+        load_config(PARAMS, overlays=[ov])
+    for frag in fragments:
+        assert frag in str(e.value)
+
+
+def test_ablation_that_contradicts_its_base_fails_naming_the_key(tmp_path):
+    """no_flow on top of a two-stage base is impossible (there is no flow to pretrain)."""
+    with pytest.raises(ConfigError, match="flow_pretrain_steps"):
+        load_config(PARAMS, overlays=["two_stage", "no_flow"], overrides=["train.flow_pretrain_steps=5"])
+    with pytest.raises(ConfigError, match="unknown preset/ablation 'no_flwo'"):
+        load_config(PARAMS, overlays=["no_flwo"])
+
+
+# ----------------------------------------------------------------------------- compare
+def _log_runs(uri: str, tmp_path: Path):
+    """Three child runs (σ0 = 0, 16, 64) under a parent, plus one unrelated run."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("cmp", artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(exp_id, run_name="sweep", tags={"jetformer.role": "sweep"})
+    pid = parent.info.run_id
+    logged = {}
+    for i, sigma0 in enumerate([0.0, 16.0, 64.0]):
+        run = client.create_run(exp_id, run_name=f"trial_{i}", tags={"mlflow.parentRunId": pid})
+        rid = run.info.run_id
+        client.log_param(rid, "train.noise.sigma0", sigma0)
+        client.log_param(rid, "train.noise.sigma_final", 0.0)
+        client.log_param(rid, "train.lr", 0.001)                      # same everywhere
+        curve = [(s, 5.0 - 0.1 * s - 0.01 * i) for s in range(0, 50, 10)]
+        for step, v in curve:
+            client.log_metric(rid, "loss", v, step=step)
+        fid = 40.0 / (1 + sigma0) + 1.0 / 3.0
+        bpd = 4.1 + sigma0 * 1e-3 + 1e-7
+        client.log_metric(rid, "fid", fid, step=50)
+        client.log_metric(rid, "val_bits_per_dim", bpd, step=50)
+        client.set_terminated(rid, "FINISHED")
+        logged[f"trial_{i}"] = dict(run_id=rid, sigma0=sigma0, fid=fid, bpd=bpd, loss=curve[-1][1],
+                                    curve=curve)
+    other = client.create_run(exp_id, run_name="standalone")
+    client.log_param(other.info.run_id, "train.noise.sigma0", 32.0)
+    client.log_metric(other.info.run_id, "fid", 9.0)
+    client.set_terminated(other.info.run_id, "FINISHED")
+    return pid, logged
+
+
+def test_compare_reads_back_exactly_what_was_logged(tmp_path):
+    from jetformer.compare import compare, load_runs
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    pid, logged = _log_runs(uri, tmp_path)
+    out = tmp_path / "results"
+    written = compare("cmp", tracking_uri=uri, parent_run=pid, out_dir=out)
+
+    with open(written["csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["run"] for r in rows] == ["trial_0", "trial_1", "trial_2"]   # parent and other excluded
+    for r in rows:
+        want = logged[r["run"]]
+        assert r["run_id"] == want["run_id"] and r["status"] == "FINISHED"
+        assert float(r["train.noise.sigma0"]) == want["sigma0"]
+        assert float(r["fid"]) == want["fid"]                      # exact, not rounded
+        assert float(r["val_bits_per_dim"]) == want["bpd"]
+        assert float(r["loss"]) == want["loss"]
+    assert "train.lr" not in rows[0]                                # equal everywhere: not a column
+    assert "train.noise.sigma_final" in rows[0]                    # the schedule always is
+
+    md = written["md"].read_text()
+    assert md.count("| trial_") == 3 and f"{logged['trial_1']['fid']:.4g}" in md
+    for key in ("vs_sigma0", "curves"):
+        assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = load_runs("cmp", uri, pid)
+    assert runs[2].history["loss"] == logged["trial_2"]["curve"]   # full curves, not only the last
+
+    every = compare("cmp", tracking_uri=uri, out_dir=out)           # no parent: all but the sweep
+    with open(every["csv"]) as f:
+        assert sorted(r["run"] for r in csv.DictReader(f)) == ["standalone", "trial_0", "trial_1", "trial_2"]
+
+
+def test_compare_unknown_experiment_fails_clearly(tmp_path):
+    from jetformer.compare import compare
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_runs(uri, tmp_path)
+    with pytest.raises(ValueError, match="'nope' not found.*cmp"):
+        compare("nope", tracking_uri=uri, out_dir=tmp_path)
