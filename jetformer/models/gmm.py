@@ -133,7 +133,7 @@ def _log_envelope(mu_c, sigma_c, mu_u, sigma_u, prop_scale, guidance, radius):
 
 def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
                    generator: torch.Generator | None = None, max_tries: int = 1000,
-                   chunk: int = 100, radius: float = 6.0, return_accept_rate: bool = False):
+                   radius: float = 6.0, return_accept_rate: bool = False):
     """Classifier-free guidance for mixtures (GIVT §3.3, JetFormer §3 'Sampling').
 
     cond, uncond: `(logits [..., K], means [..., K, D], scales [..., K, D])` of the conditional and
@@ -142,8 +142,8 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
         p̃(x) ∝ N(x; μc_k, σc_k)^(1+w) / N(x; μu_k, σu_k)^w
     is sampled by rejection from the proposal q = N(μc_k, 2·max(σc_k, σu_k)) with the envelope
     M = max p̃/q taken over |x − μc| ≤ radius·s (exact there: the log-ratio is quadratic). Up to
-    `max_tries` proposals per dim (in chunks, stopping once all dims accepted); dims where none was
-    accepted fall back to N(μc_k, σc_k). Returns x [..., D] (and the accepted fraction if asked).
+    `max_tries` proposals per dim (in growing chunks, only for dims not yet accepted); dims where
+    none was accepted fall back to N(μc_k, σc_k). Returns x [..., D] (and the accepted fraction if asked).
     guidance = 0 reproduces the conditional mixture exactly (in distribution).
     """
     logits_c, means_c, scales_c = (t.float() for t in cond)
@@ -157,8 +157,8 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
         raise ValueError(f"guidance must be >= 0, got {guidance}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if max_tries < 1 or chunk < 1:
-        raise ValueError(f"max_tries and chunk must be >= 1, got {max_tries}, {chunk}")
+    if max_tries < 1:
+        raise ValueError(f"max_tries must be >= 1, got {max_tries}")
 
     k = sample_component(logits_c, generator)                                # [...]
     mu_c = select_component(means_c, k)                                      # [..., D]
@@ -168,22 +168,26 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
     prop_scale = 2 * torch.maximum(sigma_c, sigma_u)                         # [..., D]
     log_m = _log_envelope(mu_c, sigma_c, mu_u, sigma_u, prop_scale, guidance, radius)
 
-    sample = mu_c + sigma_c * _randn(mu_c.shape, mu_c, generator)            # fallback N(μc, σc)
-    done = torch.zeros(mu_c.shape, dtype=torch.bool, device=mu_c.device)
-    tries = 0
-    while tries < max_tries and not bool(done.all()):
-        n = min(chunk, max_tries - tries)
-        xs = mu_c + prop_scale * _randn((n, *mu_c.shape), mu_c, generator)   # [n, ..., D]
-        log_accept = (cfg_log_density(xs, mu_c, sigma_c, mu_u, sigma_u, guidance)
-                      - normal_log_prob(xs, mu_c, prop_scale) - log_m)
-        accept = torch.log(_rand(xs.shape, xs, generator)) < log_accept      # [n, ..., D]
+    fallback = mu_c + sigma_c * _randn(mu_c.shape, mu_c, generator)          # N(μc, σc)
+    # Rejection sampling on the flat list of still-pending scalars, with growing chunks of tries.
+    params = [t.reshape(-1) for t in (mu_c, sigma_c, mu_u, sigma_u, prop_scale, log_m)]
+    sample = fallback.reshape(-1).clone()                                    # [M]
+    pending = torch.arange(sample.numel(), device=sample.device)             # [P]
+    tries, n = 0, min(16, max_tries)
+    while tries < max_tries and pending.numel() > 0:
+        mc, sc, mu, su, ps, lm = (t[pending] for t in params)                # [P]
+        xs = mc + ps * _randn((n, pending.numel()), mc, generator)           # [n, P]
+        log_accept = (cfg_log_density(xs, mc, sc, mu, su, guidance)
+                      - normal_log_prob(xs, mc, ps) - lm)
+        accept = torch.log(_rand(xs.shape, xs, generator)) < log_accept      # [n, P]
+        found = accept.any(0)                                                # [P]
         first = torch.argmax(accept.to(torch.uint8), dim=0)                  # first accepted try
-        found = accept.any(0)
-        pick = torch.gather(xs, 0, first.unsqueeze(0)).squeeze(0)            # [..., D]
-        new = found & ~done
-        sample = torch.where(new, pick, sample)
-        done |= found
+        pick = torch.gather(xs, 0, first[None]).squeeze(0)                   # [P]
+        sample[pending[found]] = pick[found]
+        pending = pending[~found]
         tries += n
+        n = min(2 * n, max_tries - tries)
+    sample = sample.view(mu_c.shape)                                         # [..., D]
     if return_accept_rate:
-        return sample, done.float().mean().item()
+        return sample, 1.0 - pending.numel() / max(sample.numel(), 1)
     return sample
