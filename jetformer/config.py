@@ -63,6 +63,7 @@ class DataConfig:
     workers: int = 2                # parallel prepare processes
     shard_size: int = 1000          # images per Arrow shard
     max_bad_fraction: float = 0.05  # fail if more than this fraction of files is unreadable
+    min_image_side: int = 16        # files with a shorter side below this are skipped as broken
     max_images: int = 0             # 0 = all; cap per split for quick runs
     flip: bool = False              # random left-right flip in the loader (ImageNet recipe)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -549,7 +550,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
                     "model.decoder.num_heads", "model.decoder.head_dim", "model.decoder.mlp_dim",
                     "train.steps", "train.batch_size", "train.num_workers", "train.checkpoint_every",
                     "train.log_every", "eval.batch_size", "eval.max_decode_len",
-                    "data.synthetic.num_train", "data.synthetic.num_val", "tune.cpus_per_trial",
+                    "data.synthetic.num_train", "data.synthetic.num_val", "data.min_image_side", "tune.cpus_per_trial",
                     "tune.max_concurrent_trials", "tune.num_samples"]
     for key in positive_int:
         if flat[key] <= 0:

@@ -1,0 +1,282 @@
+"""Readers of the real on-disk formats (ImageFolder, COCO captions, VQAv2) and the image
+decoder of `prepare`. The shapes world is read by the very same functions.
+
+A reader returns `Record`s: where an image lives and what is known about it. Decoding happens
+later, in `load_image`, which either returns an RGB array resized and centre-cropped to the
+model resolution (noting any conversion) or raises `BadFile` with the reason.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_PIXELS = 64_000_000          # larger files are refused as decompression bombs
+
+
+class BadFile(Exception):
+    """An image file that cannot be used; the message is the reason written to the report."""
+
+
+class SourceError(ValueError):
+    """A source path or annotation file is missing, empty or malformed."""
+
+
+@dataclass
+class Record:
+    """One image of a source, before decoding."""
+    id: str
+    path: str
+    label: int = -1
+    captions: list[str] = field(default_factory=list)
+    qa: list[dict] = field(default_factory=list)
+    attributes: dict | None = None
+    notes: list[str] = field(default_factory=list)   # conversions already applied (e.g. text)
+
+
+# ----------------------------------------------------------------------------- text
+def normalize_text(text: str) -> str:
+    """NFKC, control/format/private characters -> space, whitespace collapsed."""
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(" " if unicodedata.category(ch)[0] == "C" else ch for ch in text)
+    return " ".join(text.split())
+
+
+def _clean_texts(texts: list[str], what: str, notes: list[str]) -> list[str]:
+    out = []
+    for t in texts:
+        if not isinstance(t, str):
+            raise SourceError(f"{what}: expected a string, got {t!r}")
+        clean = normalize_text(t)
+        if clean != t.strip():
+            notes.append(f"{what} text normalised (odd Unicode): {t!r} -> {clean!r}")
+        if clean:
+            out.append(clean)
+    return out
+
+
+# ----------------------------------------------------------------------------- JSON helpers
+def _load_json(path: str | Path, key: str) -> dict:
+    p = Path(path)
+    if not str(path):
+        raise SourceError(f"{key} is empty: set it in params.yaml")
+    if not p.is_file():
+        raise SourceError(f"{key} = '{path}': file not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SourceError(f"{key} = '{path}': not valid JSON ({e})") from None
+
+
+def _require(obj: dict, name: str, path, key: str):
+    if not isinstance(obj, dict) or name not in obj:
+        raise SourceError(f"{key} = '{path}': missing field '{name}'")
+    return obj[name]
+
+
+def _check_dir(path: str | Path, key: str) -> Path:
+    if not str(path):
+        raise SourceError(f"{key} is empty: set it in params.yaml")
+    p = Path(path)
+    if not p.is_dir():
+        raise SourceError(f"{key} = '{path}': directory not found")
+    return p
+
+
+def list_images(root: Path) -> list[Path]:
+    """Image files (by extension) under `root`, sorted, recursively."""
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+# ----------------------------------------------------------------------------- readers
+def read_imagefolder(root: str | Path, key: str = "images") -> tuple[list[str], list[Record]]:
+    """ImageFolder (ImageNet layout): `root/<class>/<file>`; classes sorted by name."""
+    root = _check_dir(root, key)
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SourceError(f"{key} = '{root}': no class sub-directories (expected <root>/<class>/<image>)")
+    records = []
+    for label, name in enumerate(classes):
+        for p in list_images(root / name):
+            rel = p.relative_to(root).with_suffix("").as_posix()
+            records.append(Record(id=rel, path=str(p), label=label))
+    if not records:
+        raise SourceError(f"{key} = '{root}': no image files under the class directories")
+    return classes, records
+
+
+def read_coco_captions(annotations: str | Path, images: str | Path, key: str = "annotations"
+                       ) -> list[Record]:
+    """COCO captions JSON (`images` with `file_name`, `annotations` with `image_id`, `caption`)."""
+    root = _check_dir(images, key.replace("annotations", "images"))
+    data = _load_json(annotations, key)
+    captions: dict[int, list[str]] = {}
+    for a in _require(data, "annotations", annotations, key):
+        captions.setdefault(_require(a, "image_id", annotations, key), []).append(
+            _require(a, "caption", annotations, key))
+    records = []
+    for im in _require(data, "images", annotations, key):
+        image_id = _require(im, "id", annotations, key)
+        notes: list[str] = []
+        caps = _clean_texts(captions.get(image_id, []), f"caption of image {image_id}", notes)
+        records.append(Record(id=str(image_id), path=str(root / _require(im, "file_name", annotations, key)),
+                              captions=caps, notes=notes))
+    if not records:
+        raise SourceError(f"{key} = '{annotations}': no images listed")
+    return sorted(records, key=lambda r: r.path)
+
+
+_TRAILING_INT = re.compile(r"(\d+)$")
+
+
+def index_by_image_id(root: Path) -> dict[int, Path]:
+    """COCO-style file names end with the image id (`COCO_val2014_000000000042.jpg`)."""
+    out = {}
+    for p in list_images(root):
+        m = _TRAILING_INT.search(p.stem)
+        if m:
+            out[int(m.group(1))] = p
+    return out
+
+
+def read_vqa(questions: str | Path, annotations: str | Path, qkey: str = "questions",
+             akey: str = "annotations") -> dict[int, list[dict]]:
+    """VQAv2 questions + annotations JSON -> `{image_id: [{"question", "answers" (10),
+    "answer_type", "question_type"}]}` in question-id order."""
+    qdata, adata = _load_json(questions, qkey), _load_json(annotations, akey)
+    anns = {_require(a, "question_id", annotations, akey): a
+            for a in _require(adata, "annotations", annotations, akey)}
+    out: dict[int, list[dict]] = {}
+    for q in sorted(_require(qdata, "questions", questions, qkey), key=lambda q: q["question_id"]):
+        qid = _require(q, "question_id", questions, qkey)
+        a = anns.get(qid)
+        if a is None:
+            raise SourceError(f"{akey} = '{annotations}': no annotation for question_id {qid}")
+        answers = [_require(x, "answer", annotations, akey) for x in _require(a, "answers", annotations, akey)]
+        notes: list[str] = []
+        question = _clean_texts([_require(q, "question", questions, qkey)], f"question {qid}", notes)
+        out.setdefault(_require(q, "image_id", questions, qkey), []).append({
+            "question": question[0] if question else "",
+            "answers": [normalize_text(x) for x in answers],
+            "answer_type": str(a.get("answer_type", "")),
+            "question_type": str(a.get("question_type", ""))})
+    return out
+
+
+def read_vqav2(questions: str | Path, annotations: str | Path, images: str | Path,
+               keys: tuple[str, str, str] = ("questions", "annotations", "images")) -> list[Record]:
+    """VQAv2: one record per image that has questions; the image file is found by its id."""
+    root = _check_dir(images, keys[2])
+    by_id = index_by_image_id(root)
+    records = []
+    for image_id, qa in sorted(read_vqa(questions, annotations, keys[0], keys[1]).items()):
+        path = by_id.get(image_id)
+        records.append(Record(id=str(image_id), path=str(path) if path else str(root / f"<image {image_id}>"),
+                              qa=qa))
+    if not records:
+        raise SourceError(f"{keys[0]} = '{questions}': no questions")
+    return records
+
+
+def read_synthetic(out_dir: str | Path, split: str) -> tuple[list[str], list[Record]]:
+    """The shapes world: ImageFolder labels + COCO captions + VQAv2 QA + attributes, joined on
+    the image id, all through the readers above."""
+    from jetformer.data.synthetic import world_paths   # world layout only
+    p = world_paths(out_dir, split)
+    classes, records = read_imagefolder(p["images"], f"data.synthetic.out_dir (images/{split})")
+    coco = {r.path: r for r in read_coco_captions(p["captions"], p["images"], f"captions_{split}.json")}
+    qa = read_vqa(p["questions"], p["answers"], f"questions_{split}.json", f"answers_{split}.json")
+    attributes = _load_json(p["attributes"], f"attributes_{split}.json")
+    for r in records:
+        c = coco.get(r.path)
+        if c is None:
+            raise SourceError(f"captions_{split}.json: no entry for image file {r.path}")
+        r.id, r.captions, r.notes = c.id, c.captions, c.notes
+        r.qa = qa.get(int(c.id), [])
+        r.attributes = attributes.get(c.id)
+    return classes, sorted(records, key=lambda r: int(r.id))
+
+
+# ----------------------------------------------------------------------------- images
+def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
+    """Shorter side -> `resolution` by area averaging (antialiased; big_vision `resize_small`
+    uses method "area"), then the central `resolution` x `resolution` crop."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        image = image.resize((nw, nh), Image.BOX)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return image.crop((left, top, left + resolution, top + resolution))
+
+
+def _to_rgb(image: Image.Image, notes: list[str]) -> Image.Image:
+    """Any PIL mode -> RGB; transparency is composited onto white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        notes.append(f"converted {mode} -> RGB (alpha composited onto white)")
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        notes.append(f"converted {mode} -> RGB (rescaled to 8 bits)")
+        return Image.fromarray(arr, "L").convert("RGB")
+    notes.append(f"converted {mode} -> RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path, resolution: int, min_side: int = 1) -> tuple[np.ndarray, list[str]]:
+    """Decode, fix orientation, convert to RGB, resize + centre crop -> (uint8 [R, R, 3], notes).
+
+    Raises BadFile(reason) for missing, empty, truncated, non-image, too-small or bomb files."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadFile("file not found")
+    if path.stat().st_size == 0:
+        raise BadFile("zero bytes")
+    notes: list[str] = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                w, h = image.size
+                if w * h > MAX_PIXELS:
+                    raise BadFile(f"too large ({w}x{h} > {MAX_PIXELS} pixels)")
+                if min(w, h) < min_side:
+                    raise BadFile(f"too small ({w}x{h}, shorter side < data.min_image_side={min_side})")
+                if min(w, h) >= 4 * resolution:
+                    notes.append(f"downscaled huge image {w}x{h}")
+                    if image.format == "JPEG":   # decode at a reduced DCT scale, still >= 2x target
+                        image.draft(image.mode, (max(1, w * 2 * resolution // min(w, h)),
+                                                 max(1, h * 2 * resolution // min(w, h))))
+                ImageFile.LOAD_TRUNCATED_IMAGES = False
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                image = _to_rgb(image, notes)
+                image = resize_and_crop(image, resolution)
+                return np.asarray(image, dtype=np.uint8).copy(), notes
+    except BadFile:
+        raise
+    except Image.UnidentifiedImageError:
+        raise BadFile("not an image (unidentified format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadFile(f"too large (decompression bomb: {e})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        msg = str(e)
+        if "truncated" in msg.lower() or "broken data stream" in msg.lower():
+            raise BadFile(f"truncated image ({msg})") from None
+        raise BadFile(f"unreadable image ({type(e).__name__}: {msg})") from None
