@@ -154,14 +154,23 @@ class ImageCodec(nn.Module):
     def decode(self, tokens: torch.Tensor, rest: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """tokens [B, N, d] (+ rest [B, N, 3p^2 - d], drawn from N(0, I) untempered when None)
-        -> x [B, H, W, 3] in model space, not clipped (facts items 6, 19)."""
-        B, N, d = tokens.shape
-        if (N, d) != (self.num_tokens, self.factored_dims):
+        -> x [B, H, W, 3] in model space, not clipped (facts items 6, 19).
+
+        Always runs in fp32 with autocast off: a bf16 coupling net amplifies rounding through
+        the couplings. Encode in fp32 too (no autocast) for an exact, lossless round trip."""
+        with torch.autocast(tokens.device.type, enabled=False):
+            return self._decode(tokens.float() if tokens.dtype in (torch.float16, torch.bfloat16)
+                                else tokens, rest, generator)
+
+    def _decode(self, tokens, rest, generator):
+        if tokens.ndim != 3 or tokens.shape[1:] != (self.num_tokens, self.factored_dims):
             raise ValueError(f"ImageCodec.decode: expected tokens [B, {self.num_tokens}, "
                              f"{self.factored_dims}], got {tuple(tokens.shape)}")
-        if rest is None:
+        B, N, _ = tokens.shape
+        if rest is None:  # drawn where the generator lives (a CPU generator works for CUDA too)
             rest = torch.randn(B, N, self.rest_dims, generator=generator,
-                               device=tokens.device, dtype=tokens.dtype)
+                               device=generator.device if generator is not None else tokens.device,
+                               dtype=tokens.dtype).to(tokens.device)
         elif rest.shape != (B, N, self.rest_dims):
             raise ValueError(f"ImageCodec.decode: expected rest [{B}, {N}, {self.rest_dims}], "
                              f"got {tuple(rest.shape)}")
