@@ -36,8 +36,8 @@ class ConfigError(ValueError):
 class SyntheticConfig:
     """The embedded procedural "shapes" world (DESIGN §4)."""
     out_dir: str = "data/raw/shapes"
-    num_train: int = 3000
-    num_val: int = 300
+    num_train: int = 5000          # `dvc repro tokenizer` (generate+prepare+tokenizer) < 1 min on 2 cores
+    num_val: int = 500
     seed: int = 0
     min_side: int = 40          # raw images have random sizes in [min_side, max_side] ...
     max_side: int = 96          # ... and random aspect ratios, so resize + crop matter
@@ -84,7 +84,7 @@ class TokenizerConfig:
 class PCAConfig:
     enabled: bool = False
     num_images: int = 4000          # paper: 4,000 training images
-    out_path: str = "models/pca.pt"
+    out_path: str = "models/pca/pca.pt"   # its directory is the DVC output of fit_pca
 
 
 @dataclass

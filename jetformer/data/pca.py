@@ -1,0 +1,65 @@
+"""PCA of training patches for the PCA-factoring variant (paper §4, Table 2 "PCA factoring":
+W from a PCA of patches of 4,000 training images, scikit-learn, no whitening).
+
+The saved dict (api.md `jetformer.models.factoring`):
+`{"components": [3p², 3p²] float32, rows orthonormal, by decreasing explained variance,
+  "mean": [3p²], "explained_variance": [3p²], "patch_size": p}`.
+Patches are flattened in `patchify` order (row in patch, column in patch, channel) from images
+in model space x = I/127.5 − 1.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.decomposition import PCA
+
+
+def image_patches(images_uint8: np.ndarray, p: int) -> np.ndarray:
+    """uint8 [N, H, W, C] -> model-space patches float64 [N·(H/p)·(W/p), p·p·C]."""
+    n, h, w, c = images_uint8.shape
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
+    x = images_uint8.astype(np.float64) / 127.5 - 1.0                     # [N, H, W, C]
+    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)  # [N, H/p, W/p, p, p, C]
+    return x.reshape(-1, p * p * c)
+
+
+def fit_pca(images_uint8: np.ndarray, patch_size: int) -> dict:
+    """Full PCA (all 3p² components) of the images' patches; see the module docstring."""
+    patches = image_patches(images_uint8, patch_size)                     # [M, 3p²]
+    if patches.shape[0] < patches.shape[1]:
+        raise ValueError(f"{patches.shape[0]} patches are too few for {patches.shape[1]} components")
+    pca = PCA(n_components=patches.shape[1], whiten=False, svd_solver="full").fit(patches)
+    return {"components": torch.from_numpy(pca.components_.astype(np.float32)),   # rows = directions
+            "mean": torch.from_numpy(pca.mean_.astype(np.float32)),
+            "explained_variance": torch.from_numpy(pca.explained_variance_.astype(np.float32)),
+            "patch_size": int(patch_size)}
+
+
+def save_pca(pca: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(pca, tmp)
+    os.replace(tmp, path)
+
+
+def load_pca(path: str | Path, patch_size: int | None = None) -> dict:
+    """Load and check a dict written by `save_pca` (clear errors instead of silent fallbacks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"PCA file {path} not found: set pca.enabled: true and run the "
+                                "`fit_pca` stage (dvc repro fit_pca)")
+    pca = torch.load(path, map_location="cpu", weights_only=True)
+    p = pca.get("patch_size")
+    if patch_size is not None and p != patch_size:
+        raise ValueError(f"{path}: fitted for patch size {p}, but model.patch_size = {patch_size}; "
+                         "rerun fit_pca")
+    d = 3 * p * p
+    if tuple(pca["components"].shape) != (d, d) or tuple(pca["mean"].shape) != (d,):
+        raise ValueError(f"{path}: components {tuple(pca['components'].shape)} / mean "
+                         f"{tuple(pca['mean'].shape)} do not match 3p² = {d}")
+    return pca
