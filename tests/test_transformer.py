@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jetformer.models.transformer import Decoder, apply_rope
+from jetformer.models.transformer import Decoder, apply_rope, rope_sin_cos
 
 torch.set_num_threads(1)
 WIDTH, DEPTH, HEADS, HEAD_DIM, MLP = 32, 2, 4, 8, 64
@@ -108,8 +108,9 @@ def test_rope_depends_only_on_relative_positions():
     # the rotation preserves norms and is the identity at position 0
     x = torch.randn(2, 3, 5, HEAD_DIM)
     p = torch.randint(0, 100, (2, 5))
-    torch.testing.assert_close(apply_rope(x, p, 1e4).norm(dim=-1), x.norm(dim=-1))
-    torch.testing.assert_close(apply_rope(x, torch.zeros(2, 5), 1e4), x)
+    torch.testing.assert_close(apply_rope(x, *rope_sin_cos(p, HEAD_DIM, 1e4)).norm(dim=-1),
+                               x.norm(dim=-1))
+    torch.testing.assert_close(apply_rope(x, *rope_sin_cos(torch.zeros(2, 5), HEAD_DIM, 1e4)), x)
 
 
 @pytest.mark.parametrize("chunks", [(5, 1, 1, 1, 1, 1, 1), (1,) * 11, (3, 4, 1, 1, 2)])
@@ -185,3 +186,17 @@ def test_bad_calls_fail_clearly():
         dec(h, pos, dec.init_cache(3, 8))
     with pytest.raises(ValueError, match="even head_dim"):
         Decoder(WIDTH, 1, HEADS, 7, MLP)
+
+
+def test_kv_cache_under_bf16_autocast_keeps_dtypes_consistent():
+    # the CUDA recipe runs the decoder under bf16 autocast with an fp32 cache (here on the CPU)
+    dec = make_decoder()
+    h, pos = inputs(2, 8)
+    ref, _ = dec(h, pos)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = dec.init_cache(2, 8)
+        outs = [dec(h[:, :3], pos[:, :3], cache)[0]]
+        outs += [dec(h[:, t:t + 1], pos[:, t:t + 1], cache)[0] for t in range(3, 8)]
+    incremental = torch.cat(outs, 1)
+    assert cache.k.dtype == torch.float32 and incremental.dtype == torch.float32
+    assert (incremental - ref).abs().max() < 0.1

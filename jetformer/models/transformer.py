@@ -45,18 +45,18 @@ class RMSNorm(nn.Module):
         return (normed * (1 + self.scale.float())).to(x.dtype)
 
 
-def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary embedding (Gemma's half-split form): x [B, H, L, hd], positions [B, L] -> same shape.
+def rope_sin_cos(positions: torch.Tensor, head_dim: int, base: float):
+    """Rotation angles pos / base^(2i/hd), i < hd/2: positions [B, L] -> (sin, cos) [B, 1, L, hd/2] fp32."""
+    exponents = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32) * (2.0 / head_dim)
+    angles = positions.float()[:, None, :, None] * base ** -exponents        # [B, 1, L, hd/2]
+    return torch.sin(angles), torch.cos(angles)
 
-    Pairs (x_i, x_{i+hd/2}) are rotated by angle pos / base^(2i/hd)."""
-    half = x.shape[-1] // 2
-    freq_exponents = torch.arange(half, device=x.device, dtype=torch.float32) * (2.0 / x.shape[-1])
-    inv_timescale = base ** -freq_exponents                                   # [hd/2]
-    angles = positions.float()[:, None, :, None] * inv_timescale             # [B, 1, L, hd/2]
-    sin, cos = torch.sin(angles), torch.cos(angles)
-    x1, x2 = x.float().split(half, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+
+def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in Gemma's half-split form: pairs (x_i, x_{i+hd/2}) rotated by the angles.
+    x [B, H, L, hd], sin/cos [B, 1, L, hd/2] -> [B, H, L, hd]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @dataclass
@@ -80,23 +80,23 @@ class KVCache:
 
 
 class MultiQueryAttention(nn.Module):
-    def __init__(self, width: int, num_heads: int, head_dim: int, rope_base: float):
+    def __init__(self, width: int, num_heads: int, head_dim: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.rope_base = num_heads, head_dim, rope_base
+        self.num_heads, self.head_dim = num_heads, head_dim
         self.q_proj = nn.Linear(width, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(width, head_dim, bias=False)   # ONE key head shared by all queries
         self.v_proj = nn.Linear(width, head_dim, bias=False)   # ONE value head
         self.o_proj = nn.Linear(num_heads * head_dim, width, bias=False)
 
-    def forward(self, x, positions, mask, layer_cache=None, start=0):
-        """x [B, L, W]; mask bool [B, 1, L, S] (True = may attend); layer_cache (k, v) views
-        [B, max_len, hd] written at slots [start, start + L). Returns [B, L, W]."""
+    def forward(self, x, rope, mask, layer_cache=None, start=0):
+        """x [B, L, W]; rope = (sin, cos) of the positions; mask bool [B, 1, L, S] (True = may
+        attend); layer_cache = (k, v) views [B, max_len, hd], written at slots [start, start + L).
+        Returns [B, L, W]."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
         k = self.k_proj(x).unsqueeze(1)                                               # [B, 1, L, hd]
         v = self.v_proj(x).unsqueeze(1)                                               # [B, 1, L, hd]
-        q = apply_rope(q, positions, self.rope_base)
-        k = apply_rope(k, positions, self.rope_base)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
             k_cache[:, start:start + L] = k[:, 0]
@@ -121,16 +121,16 @@ class GeGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, width, num_heads, head_dim, mlp_dim, dropout, rope_base):
+    def __init__(self, width, num_heads, head_dim, mlp_dim, dropout):
         super().__init__()
         self.pre_attention_norm = RMSNorm(width)
-        self.attn = MultiQueryAttention(width, num_heads, head_dim, rope_base)
+        self.attn = MultiQueryAttention(width, num_heads, head_dim)
         self.pre_ffw_norm = RMSNorm(width)
         self.mlp = GeGLU(width, mlp_dim)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, positions, mask, layer_cache=None, start=0):
-        x = x + self.drop(self.attn(self.pre_attention_norm(x), positions, mask, layer_cache, start))
+    def forward(self, x, rope, mask, layer_cache=None, start=0):
+        x = x + self.drop(self.attn(self.pre_attention_norm(x), rope, mask, layer_cache, start))
         return x + self.drop(self.mlp(self.pre_ffw_norm(x)))
 
 
@@ -145,8 +145,8 @@ class Decoder(nn.Module):
         if min(width, depth, num_heads, head_dim, mlp_dim) <= 0:
             raise ValueError(f"Decoder sizes must be positive: width={width}, depth={depth}, "
                              f"num_heads={num_heads}, head_dim={head_dim}, mlp_dim={mlp_dim}")
-        self.width, self.depth, self.head_dim = width, depth, head_dim
-        self.blocks = nn.ModuleList(Block(width, num_heads, head_dim, mlp_dim, dropout, rope_base)
+        self.width, self.depth, self.head_dim, self.rope_base = width, depth, head_dim, rope_base
+        self.blocks = nn.ModuleList(Block(width, num_heads, head_dim, mlp_dim, dropout)
                                     for _ in range(depth))
         self.final_norm = RMSNorm(width)
         for m in self.modules():
@@ -196,10 +196,11 @@ class Decoder(nn.Module):
         mask = causal & (key_valid[:, None, :] | (key_slot == query_slot))         # [B, L, S]
         mask = mask[:, None]                                                        # [B, 1, L, S]
 
+        rope = rope_sin_cos(positions, self.head_dim, self.rope_base)             # shared by all layers
         x = h
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x = block(x, positions, mask, layer_cache, start)
+            x = block(x, rope, mask, layer_cache, start)
         if cache is not None:
             cache.length = S
         return self.final_norm(x), cache
