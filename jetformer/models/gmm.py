@@ -9,7 +9,7 @@ Sampling draws a component k ~ π, then x ~ N(μ_k, (t·σ_k)²) (temperature t 
 Classifier-free guidance follows GIVT: k is drawn from the *conditional* weights, and each dim is
 drawn from the guided density ∝ N(x; μc_k, σc_k)^(1+w) / N(x; μu_k, σu_k)^w by rejection sampling
 (the unconditional mixture contributes its SAME component k). GMM parameters are never mixed.
-All maths runs in fp32 (also under bf16 autocast).
+All maths runs in fp32 (also under bf16 autocast). A `generator` must live on the parameters' device.
 """
 from __future__ import annotations
 
