@@ -152,6 +152,8 @@ class TrainConfig:
     checkpoint_every: int = 250
     log_every: int = 10
     sample_every: int = 0           # 0 = only at the end
+    sample_prompts: int = 8         # val captions/classes in each training sample grid (rows)
+    val_images: int = 256           # val images for the val bits/dim / text NLL at checkpoints
     num_workers: int = 2
     use_gpu: str = "auto"           # auto | true | false
     ray_address: str = ""           # "" = $RAY_ADDRESS or a local Ray
@@ -557,7 +559,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
             fail(key, "must be > 0")
     non_negative = ["model.flow.num_couplings", "model.flow.depth", "model.num_classes",
                     "model.ema_decay", "model.latent_noise_max", "train.flow_pretrain_steps",
-                    "train.max_failures", "train.sample_every", "train.noise.sigma0",
+                    "train.max_failures", "train.sample_every", "train.sample_prompts", "train.val_images", "train.noise.sigma0",
                     "train.noise.sigma_final", "train.weight_decay", "train.grad_clip",
                     "data.max_images", "eval.num_samples", "eval.cfg_scale", "eval.judge_steps",
                     "eval.finetune_steps", "eval.num_nll_images", "pca.num_images",

@@ -1,0 +1,53 @@
+"""Sample grids during training: for a few val captions (or classes), the real image followed by
+samples drawn with CFG, one row per prompt (DESIGN §1: grids under `plots/`)."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from PIL import Image
+
+from jetformer.models.jetformer import JetFormer
+
+
+def tile(rows: list[torch.Tensor], scale: int = 4, gap: int = 2) -> Image.Image:
+    """rows: each uint8 [n, H, W, 3] (same H, W, n) -> one image, nearest-upscaled by `scale`,
+    white gaps between cells."""
+    n, H, W, _ = rows[0].shape
+    h, w = H * scale, W * scale
+    canvas = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 255, np.uint8)
+    for r, row in enumerate(rows):
+        for c in range(n):
+            cell = row[c].cpu().numpy().repeat(scale, 0).repeat(scale, 1)
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            canvas[y:y + h, x:x + w] = cell
+    return Image.fromarray(canvas)
+
+
+@torch.no_grad()
+def sample_grid(model: JetFormer, items: list[dict], tokenizer, max_text_len: int,
+                samples_per_prompt: int, cfg_scale: float, temperature: float,
+                generator: torch.Generator) -> tuple[bytes, str]:
+    """PNG bytes of the grid and a text listing of its rows (`row: prompt`)."""
+    k = samples_per_prompt
+    if model.conditioning == "class":
+        labels = torch.tensor([it["label"] for it in items], dtype=torch.long)
+        images = model.sample_images(labels=labels.repeat_interleave(k).to(model.device),
+                                     cfg_scale=cfg_scale, temperature=temperature,
+                                     generator=generator)
+        prompts = [f"class {int(l)}" for l in labels]
+    else:
+        prompts = [it["captions"][0] for it in items]
+        text, mask = tokenizer.encode_batch(prompts, max_text_len)
+        images = model.sample_images(text=text.repeat_interleave(k, 0).to(model.device),
+                                     text_mask=mask.repeat_interleave(k, 0).to(model.device),
+                                     cfg_scale=cfg_scale, temperature=temperature,
+                                     generator=generator)
+    images = images.view(len(items), k, *images.shape[1:])                     # [P, k, H, W, 3]
+    rows = [torch.cat([it["image"][None], images[i].cpu()]) for i, it in enumerate(items)]
+    buf = io.BytesIO()
+    tile(rows).save(buf, format="PNG")
+    listing = "".join(f"row {i}: {p}  (first column: the real val image)\n"
+                      for i, p in enumerate(prompts))
+    return buf.getvalue(), listing
