@@ -226,3 +226,15 @@ def test_cfg_falls_back_to_the_conditional_component_when_nothing_is_accepted():
     assert 0.0 < accepted < 1.0 and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="guidance"):
         gmm_cfg_sample(cond, uncond, -1.0)
+
+
+def test_cfg_improper_guided_density_falls_back_to_the_conditional():
+    # (1+w)/σc² − w/σu² < 0: the target grows in the tails; draw from N(μc, σc) instead
+    n = 50_000
+    cond = (torch.zeros(n, 1), torch.full((n, 1, 2), 0.5), torch.ones(n, 1, 2))
+    uncond = (torch.zeros(n, 1), torch.full((n, 1, 2), -0.5), torch.full((n, 1, 2), 0.3))
+    x, guided = gmm_cfg_sample(cond, uncond, 2.0, generator=torch.Generator().manual_seed(4),
+                               return_accept_rate=True)
+    assert guided == 0.0
+    torch.testing.assert_close(x.mean(0), torch.full((2,), 0.5), rtol=0, atol=0.03)
+    torch.testing.assert_close(x.std(0), torch.ones(2), rtol=0.02, atol=0)

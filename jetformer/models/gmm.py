@@ -143,8 +143,10 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
     is sampled by rejection from the proposal q = N(μc_k, 2·max(σc_k, σu_k)) with the envelope
     M = max p̃/q taken over |x − μc| ≤ radius·s (exact there: the log-ratio is quadratic). Up to
     `max_tries` proposals per dim (in growing chunks, only for dims not yet accepted); dims where
-    none was accepted fall back to N(μc_k, σc_k). Returns x [..., D] (and the accepted fraction if asked).
-    guidance = 0 reproduces the conditional mixture exactly (in distribution).
+    none was accepted fall back to N(μc_k, σc_k). So do dims whose guided density cannot be
+    normalised (precision (1+w)/σc² − w/σu² ≤ 0: it grows in the tails, and any "accepted" draw
+    would sit at the edge of the window). Returns x [..., D] (and the fraction of dims drawn from
+    the guided density, if asked). guidance = 0 reproduces the conditional mixture (in distribution).
     """
     logits_c, means_c, scales_c = (t.float() for t in cond)
     logits_u, means_u, scales_u = (t.float() for t in uncond)
@@ -172,8 +174,9 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
     # Rejection sampling on the flat list of still-pending scalars, with growing chunks of tries.
     params = [t.reshape(-1) for t in (mu_c, sigma_c, mu_u, sigma_u, prop_scale, log_m)]
     sample = fallback.reshape(-1).clone()                                    # [M]
-    pending = torch.arange(sample.numel(), device=sample.device)             # [P]
-    tries, n = 0, min(16, max_tries)
+    precision = (1 + guidance) / sigma_c ** 2 - guidance / sigma_u ** 2      # of the guided target
+    pending = torch.nonzero(precision.reshape(-1) > 0).squeeze(-1)           # [P] proper targets
+    tries, n, num_guided = 0, min(16, max_tries), 0
     while tries < max_tries and pending.numel() > 0:
         mc, sc, mu, su, ps, lm = (t[pending] for t in params)                # [P]
         xs = mc + ps * _randn((n, pending.numel()), mc, generator)           # [n, P]
@@ -185,9 +188,10 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
         pick = torch.gather(xs, 0, first[None]).squeeze(0)                   # [P]
         sample[pending[found]] = pick[found]
         pending = pending[~found]
+        num_guided += int(found.sum())
         tries += n
         n = min(2 * n, max_tries - tries)
     sample = sample.view(mu_c.shape)                                         # [..., D]
     if return_accept_rate:
-        return sample, 1.0 - pending.numel() / max(sample.numel(), 1)
+        return sample, num_guided / max(sample.numel(), 1)
     return sample
