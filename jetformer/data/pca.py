@@ -4,8 +4,8 @@ W from a PCA of patches of 4,000 training images, scikit-learn, no whitening).
 The saved dict (api.md `jetformer.models.factoring`):
 `{"components": [3p², 3p²] float32, rows orthonormal, by decreasing explained variance,
   "mean": [3p²], "explained_variance": [3p²], "patch_size": p}`.
-Patches are flattened in `patchify` order (row in patch, column in patch, channel) from images
-in model space x = I/127.5 − 1.
+Patches are flattened by `jetformer.models.jet.patchify` (row in patch, column in patch,
+channel) from images in model space x = I/127.5 − 1.
 """
 from __future__ import annotations
 
@@ -16,15 +16,13 @@ import numpy as np
 import torch
 from sklearn.decomposition import PCA
 
+from jetformer.models.jet import patchify
+
 
 def image_patches(images_uint8: np.ndarray, p: int) -> np.ndarray:
-    """uint8 [N, H, W, C] -> model-space patches float64 [N·(H/p)·(W/p), p·p·C]."""
-    n, h, w, c = images_uint8.shape
-    if h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not divisible by patch size {p}")
-    x = images_uint8.astype(np.float64) / 127.5 - 1.0                     # [N, H, W, C]
-    x = x.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)  # [N, H/p, W/p, p, p, C]
-    return x.reshape(-1, p * p * c)
+    """uint8 [N, H, W, 3] -> model-space patches float64 [N·(H/p)·(W/p), 3p²] (`patchify` order)."""
+    x = torch.from_numpy(np.asarray(images_uint8)).double() / 127.5 - 1.0   # [N, H, W, 3]
+    return patchify(x, p).reshape(-1, 3 * p * p).numpy()
 
 
 def fit_pca(images_uint8: np.ndarray, patch_size: int) -> dict:
