@@ -1,0 +1,173 @@
+"""Ray Tune sweeps: the sweep-space file, and a 2-trial sweep with a micro budget that runs under
+Ray Tune (one Ray start), logs child MLflow runs under a parent, writes the best trial as an
+overlay, and is restored (not rerun) when started again."""
+import csv
+
+import pytest
+import yaml
+
+from jetformer.config import REPO_ROOT, ConfigError, load_config, load_config_dict
+from jetformer.tune import (SweepError, base_config_dict, best_overlay_text, check_space,
+                            load_sweep, pick_best, space_points, sweep_id)
+
+from conftest import TINY_OVERRIDES
+
+PARAMS = REPO_ROOT / "params.yaml"
+NOISE = REPO_ROOT / "experiments" / "sweeps" / "noise.yaml"
+
+
+def _write(path, obj):
+    path.write_text(yaml.safe_dump(obj, sort_keys=False))
+    return path
+
+
+def test_default_noise_sweep_is_valid_and_has_four_sigma0_including_zero():
+    spec = load_sweep(NOISE)
+    sigma0 = spec.space["train.noise.sigma0"]["grid"]
+    assert len(sigma0) >= 4 and 0.0 in sigma0
+    base = base_config_dict(spec, PARAMS)
+    assert check_space(spec, base) == len(sigma0)
+    assert base["train"]["num_workers"] == 1          # one process per trial
+    assert base["train"]["checkpoint_every"] == spec.validation["every"]
+    assert spec.scheduler["type"] == "asha" and spec.metric in ("val_fid", "val_bits_per_dim")
+
+
+def test_space_parsing_grid_random_and_points(tmp_path):
+    f = _write(tmp_path / "s.yaml", {
+        "search": "random", "num_samples": 3,
+        "space": {"train.noise.sigma0": [0, 16],                    # list -> choice under random
+                  "train.lr": {"loguniform": [1e-4, 1e-2]},
+                  "train.noise.curriculum_frac": {"grid": [0.5, 1.0]}}})
+    spec = load_sweep(f)
+    assert spec.space["train.noise.sigma0"] == {"choice": [0, 16]}
+    pts = space_points(spec)
+    assert len(pts) == 2 * 2 * 2 and {"train.noise.sigma0": 16, "train.lr": 1e-2,
+                                       "train.noise.curriculum_frac": 0.5} in pts
+    assert check_space(spec, base_config_dict(spec, PARAMS)) == 2 * 3   # grid size x samples
+    from ray import tune
+    from jetformer.tune import tune_param_space
+    ps = tune_param_space(spec)["params"]
+    assert isinstance(ps["train.lr"], tune.search.sample.Float)
+    assert ps["train.noise.curriculum_frac"] == {"grid_search": [0.5, 1.0]}
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ({"space": {}}, "'space'"),
+    ({"space": {"train.noise.sigma0": [0, 8]}, "metric": "fid50k"}, "'metric'"),
+    ({"space": {"train.noise.sigma0": [0, 8]}, "sheduler": {}}, "'sheduler'"),
+    ({"space": {"train.noise.sigma0": {"uniform": [8, 0]}}, "search": "random"}, "low < high"),
+    ({"space": {"train.noise.sigma0": {"uniform": [0, 8]}}}, "search is 'grid'"),
+    ({"space": {"train.noise.sigmaa0": [0, 8]}}, "train.noise.sigmaa0"),        # unknown key
+    ({"space": {"train.noise.sigma0": [0, -8]}}, "train.noise.sigma0"),         # invalid value
+    ({"space": {"train.noise.sigma_final": [0, 99]}}, "sigma_final"),           # > sigma0
+    ({"space": {"train.noise.sigma0": [0, 8]}, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
+])
+def test_bad_sweep_files_fail_before_ray(tmp_path, content, fragment):
+    f = _write(tmp_path / "bad.yaml", content)
+    with pytest.raises(ConfigError) as e:
+        spec = load_sweep(f)
+        check_space(spec, base_config_dict(spec, PARAMS))
+    assert fragment in str(e.value) and "bad.yaml" in str(e.value)
+
+
+def test_sweep_id_changes_with_space_and_base(tmp_path):
+    spec = load_sweep(NOISE)
+    base = base_config_dict(spec, PARAMS)
+    other = base_config_dict(spec, PARAMS, sets=["train.lr=5e-4"])
+    assert sweep_id(spec, base) == sweep_id(load_sweep(NOISE), base)
+    assert sweep_id(spec, base) != sweep_id(spec, other)
+
+
+def test_best_trial_pick_and_overlay(tmp_path):
+    spec = load_sweep(NOISE)
+    rows = [{"trial_id": "a", "status": "stopped", "step": 300, "train.noise.sigma0": 0.0,
+             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 1.0},
+            {"trial_id": "b", "status": "completed", "step": 600, "train.noise.sigma0": 16.0,
+             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 7.0},
+            {"trial_id": "c", "status": "completed", "step": 600, "train.noise.sigma0": 32.0,
+             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 9.0}]
+    best = pick_best(rows, spec)
+    assert best["trial_id"] == "b"          # an ASHA-stopped trial was judged at fewer steps
+    f = tmp_path / "best.yaml"
+    f.write_text(best_overlay_text(best, spec, "noise-x"))
+    assert "dvc exp run -S train.noise.sigma0=16.0" in f.read_text()
+    cfg = load_config(PARAMS, overlays=[f])
+    assert cfg.train.noise.sigma0 == 16.0 and cfg.train.noise.curriculum_frac == 1.0
+
+
+# ----------------------------------------------------------------------------- under Ray
+@pytest.fixture(scope="module")
+def micro_project(tmp_path_factory):
+    """A micro shapes world (8 px, class-conditional), prepared, with a judge, in a temp dir."""
+    import torch
+    from jetformer.config import load_config
+    from jetformer.data.prepare import prepare
+    from jetformer.eval.judge import Judge, save_judge
+    root = tmp_path_factory.mktemp("sweep_project")
+    params = load_config_dict(PARAMS, overrides=TINY_OVERRIDES + (
+        "model.conditioning=class", "train.task=class", "train.steps=6", "train.log_every=2",
+        "train.val_images=8", "train.sample_prompts=2", "eval.batch_size=8",
+        f"data.synthetic.out_dir={root / 'raw'}", "data.synthetic.num_train=40",
+        "data.synthetic.num_val=12", "data.synthetic.min_side=16", "data.synthetic.max_side=24",
+        "data.synthetic.bad_files=false", f"data.prepared_dir={root / 'prepared'}", "data.workers=1",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow.experiment=sweeptest",
+        f"tune.storage_dir={root / 'tune'}", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=1",
+        "train.max_failures=0"))
+    params_file = _write(root / "params.yaml", params)
+    cfg = load_config(params_file)
+    prepare(cfg)
+    torch.manual_seed(0)   # an untrained judge is enough for a (meaningless but valid) FID
+    save_judge(Judge({"shape": ["circle", "square", "triangle"]}, resolution=8, width=8,
+                     feature_dim=16), root / "models" / "judge.pt")
+    space = _write(root / "space.yaml", {
+        "name": "micro", "space": {"train.noise.sigma0": {"grid": [0.0, 4.0]}},
+        "metric": "val_fid", "mode": "min",
+        "scheduler": {"type": "asha", "grace_period": 3, "reduction_factor": 2},
+        "validation": {"every": 3, "fid_samples": 8}})
+    return root, params_file, space
+
+
+@pytest.mark.slow
+def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, monkeypatch):
+    import ray
+    from mlflow.tracking import MlflowClient
+    from jetformer.tune import run_sweep
+    root, params_file, space = micro_project
+    monkeypatch.chdir(root)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        res = run_sweep(space, params=params_file, out_dir=root / "results")
+        again = run_sweep(space, params=params_file, out_dir=root / "results")   # restore
+    finally:
+        ray.shutdown()
+
+    assert len(res["trials"]) == 2 and {r["status"] for r in res["trials"]} <= {"completed", "stopped"}
+    assert sorted(r["train.noise.sigma0"] for r in res["trials"]) == [0.0, 4.0]
+    assert any(r["status"] == "completed" and r["step"] == 6 for r in res["trials"])
+
+    cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    parent = cl.get_run(res["parent_run_id"])
+    assert parent.data.tags["jetformer.role"] == "sweep" and parent.info.status == "FINISHED"
+    assert parent.data.params["train.steps"] == "6"
+    children = cl.search_runs([res["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")
+    assert len(children) == 2
+    by_trial = {r["trial_id"]: r for r in res["trials"]}
+    for child in children:
+        trial = by_trial[child.data.tags["ray.trial_id"]]
+        assert child.info.status == "FINISHED"                       # none left RUNNING
+        assert float(child.data.params["train.noise.sigma0"]) == trial["train.noise.sigma0"]
+        val = cl.get_metric_history(child.info.run_id, "val_fid")
+        assert [m.step for m in val][:1] == [3] and all(m.value >= 0 for m in val)
+        assert len(cl.get_metric_history(child.info.run_id, "loss")) >= 1    # per-step curves
+        assert child.data.metrics["val_bits_per_dim"] == pytest.approx(trial["val_bits_per_dim"])
+
+    best = load_config(params_file, overlays=[root / "results" / "micro" / "best.yaml"])
+    assert best.train.noise.sigma0 == res["best"]["train.noise.sigma0"]
+    with open(root / "results" / "micro" / "trials.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+    # the second call restored the finished sweep: same Tune experiment and parent, no new runs
+    assert again["sweep_id"] == res["sweep_id"] and again["parent_run_id"] == res["parent_run_id"]
+    assert len(cl.search_runs([res["experiment_id"]],
+                              filter_string=f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")) == 2
