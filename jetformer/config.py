@@ -153,6 +153,8 @@ class TrainConfig:
     log_every: int = 10
     sample_every: int = 0           # 0 = only at the end
     sample_prompts: int = 8         # val captions/classes in each training sample grid (rows)
+    sample_cfg_scale: float = 2.0   # CFG guidance of the training sample grids
+    sample_temperature: float = 0.95
     val_images: int = 256           # val images for the val bits/dim / text NLL at checkpoints
     num_workers: int = 2
     use_gpu: str = "auto"           # auto | true | false
@@ -559,7 +561,8 @@ def validate(cfg: Config, source: str = "<params>") -> None:
             fail(key, "must be > 0")
     non_negative = ["model.flow.num_couplings", "model.flow.depth", "model.num_classes",
                     "model.ema_decay", "model.latent_noise_max", "train.flow_pretrain_steps",
-                    "train.max_failures", "train.sample_every", "train.sample_prompts", "train.val_images", "train.noise.sigma0",
+                    "train.max_failures", "train.sample_every", "train.sample_prompts", "train.val_images",
+                    "train.sample_cfg_scale", "train.noise.sigma0",
                     "train.noise.sigma_final", "train.weight_decay", "train.grad_clip",
                     "data.max_images", "eval.num_samples", "eval.cfg_scale", "eval.judge_steps",
                     "eval.finetune_steps", "eval.num_nll_images", "pca.num_images",
@@ -567,7 +570,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
     for key in non_negative:
         if flat[key] < 0:
             fail(key, "must be >= 0")
-    for key in ["train.lr", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
+    for key in ["train.lr", "train.sample_temperature", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
         if not flat[key] > 0:
             fail(key, "must be > 0")
     for key in ["train.warmup_frac", "train.cfg_drop_prob", "data.max_bad_fraction",

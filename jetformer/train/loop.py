@@ -344,16 +344,16 @@ class _Trainer:
         if k == 0:
             return
         items = [self.val_ds[i] for i in range(k)]
-        e = self.cfg.eval
+        t = self.cfg.train
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._averaged():
             gen = torch.Generator(device=self.device).manual_seed(self.cfg.train.seed + 29)
             png, listing = sample_grid(self.model, items, self.tokenizer,
                                        self.cfg.tokenizer.max_text_len, SAMPLES_PER_PROMPT,
-                                       e.cfg_scale, e.temperature, gen)
+                                       t.sample_cfg_scale, t.sample_temperature, gen)
         name = f"samples_step{self.step:06d}"
         header = (f"step {self.step}: {SAMPLES_PER_PROMPT} samples per row, cfg_scale "
-                  f"{e.cfg_scale}, temperature {e.temperature}\n")
+                  f"{t.sample_cfg_scale}, temperature {t.sample_temperature}\n")
         self.samples[f"{name}.png"] = png
         self.samples[f"{name}.txt"] = (header + listing).encode()
 
