@@ -7,23 +7,7 @@ import sys
 from pathlib import Path
 
 from jetformer.config import ConfigError, load_config
-from jetformer.data.dataset import ArrowImageDataset, read_metadata
-from jetformer.data.tokenizer import TextTokenizer, train_tokenizer
-
-
-def training_texts(prepared_dir: str) -> list[str]:
-    """Every caption, question and answer of the train split, plus the class names."""
-    ds = ArrowImageDataset(prepared_dir, "train")
-    texts = [c.replace("_", " ") for c in read_metadata(prepared_dir)["classes"]]
-    for shard in range(len(ds.paths)):
-        table = ds._table(shard)
-        for caps in table.column("captions").to_pylist():
-            texts.extend(caps or [])
-        for qas in table.column("qa").to_pylist():
-            for qa in qas or []:
-                texts.append(qa["question"])
-                texts.extend(sorted(set(qa["answers"])))
-    return texts
+from jetformer.data.tokenizer import TextTokenizer, train_tokenizer, training_texts
 
 
 def main() -> int:

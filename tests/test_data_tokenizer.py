@@ -103,3 +103,21 @@ def test_given_model_with_other_special_ids_is_refused(tmp_path):
         TextTokenizer(path)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         TextTokenizer(tmp_path / "missing.model")
+
+
+def test_training_texts_from_prepared_data_and_deterministic_model(tmp_path):
+    from jetformer.config import REPO_ROOT, load_config
+    from jetformer.data.prepare import prepare
+    from jetformer.data.tokenizer import training_texts
+    cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
+        f"data.synthetic.out_dir={tmp_path / 'raw'}", f"data.prepared_dir={tmp_path / 'prepared'}",
+        "data.synthetic.num_train=12", "data.synthetic.num_val=2", "data.synthetic.bad_files=false",
+        "data.resolution=8", "data.workers=1"))
+    prepare(cfg)
+    texts = training_texts(tmp_path / "prepared")
+    assert texts[:4] == ["circle", "cross", "square", "triangle"]              # class names first
+    assert len(texts) > 4 + 12 * 5 + 12 * 4                                   # + captions, questions, answers
+    a = train_tokenizer(texts, tmp_path / "a.model", 64)
+    train_tokenizer(texts, tmp_path / "b.model", 64)
+    assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
+    assert a.decode(a.encode(texts[10])) == texts[10]

@@ -62,6 +62,25 @@ class TextTokenizer:
         return tokens, tokens != PAD_ID
 
 
+def training_texts(prepared_dir: str | Path) -> list[str]:
+    """Every caption, question and distinct answer of the prepared train split, plus the class
+    names (so class-only sources such as ImageNet still give a vocabulary)."""
+    import pyarrow as pa
+
+    from jetformer.data.dataset import read_metadata
+    meta = read_metadata(prepared_dir)
+    texts = [c.replace("_", " ") for c in meta["classes"]]
+    for shard in meta["shards"]["train"]:
+        table = pa.ipc.open_file(pa.memory_map(str(Path(prepared_dir) / "train" / shard))).read_all()
+        for caps in table.column("captions").to_pylist():
+            texts.extend(caps or [])
+        for qas in table.column("qa").to_pylist():
+            for qa in qas or []:
+                texts.append(qa["question"])
+                texts.extend(sorted(set(qa["answers"])))
+    return texts
+
+
 def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int) -> TextTokenizer:
     """Fit a BPE SentencePiece model on `texts` and write it atomically to `out_path`.
 
