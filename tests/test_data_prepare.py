@@ -189,3 +189,22 @@ def test_interrupted_then_restarted_equals_clean_run(tmp_path):
     assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix == ".arrow")
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert (a / "metadata.json").read_text() == (b / "metadata.json").read_text()
+
+
+def test_max_images_keeps_every_class(tmp_path):
+    fix = Path(__file__).parent / "fixtures" / "imagefolder"              # class 0: 2 images, class 1: 1
+    cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
+        "data.source=imagefolder", f"data.imagefolder.train_images={fix / 'train'}",
+        f"data.imagefolder.val_images={fix / 'val'}", "data.resolution=8", "data.workers=1",
+        "data.max_images=2", f"data.prepared_dir={tmp_path / 'prepared'}"))
+    report = prepare(cfg)
+    assert report["splits"]["train"]["files"] == 2
+    assert read_split(tmp_path / "prepared", "train").column("label").to_pylist() == [0, 1]
+
+
+def test_world_generation_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        prepare(cfg_for(tmp_path))
+    assert (tmp_path / "raw" / "precious.txt").exists()

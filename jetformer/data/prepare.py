@@ -155,8 +155,9 @@ def prepare(cfg, on_shard_done=None) -> dict:
     splits = {}
     for split in SPLITS:
         classes, records = read_source(cfg, split)
-        if d.max_images:
-            records = records[: d.max_images]
+        if d.max_images and len(records) > d.max_images:   # evenly spaced: every class stays in
+            keep = np.unique(np.linspace(0, len(records) - 1, d.max_images).round().astype(int))
+            records = [records[i] for i in keep]
         splits[split] = (classes, records)
     classes = splits["train"][0]
     if splits["val"][0] and splits["val"][0] != classes:

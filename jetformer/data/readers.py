@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 64_000_000          # larger files are refused as decompression bombs
@@ -263,7 +263,6 @@ def load_image(path: str | Path, resolution: int, min_side: int = 1) -> tuple[np
                     if image.format == "JPEG":   # decode at a reduced DCT scale, still >= 2x target
                         image.draft(image.mode, (max(1, w * 2 * resolution // min(w, h)),
                                                  max(1, h * 2 * resolution // min(w, h))))
-                ImageFile.LOAD_TRUNCATED_IMAGES = False
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 image = _to_rgb(image, notes)

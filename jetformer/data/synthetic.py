@@ -337,6 +337,10 @@ def generate_world(cfg, out_dir: str | Path | None = None, force: bool = False) 
         except json.JSONDecodeError:
             pass
     if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in ("images", "annotations", "world.json"))
+        if foreign:
+            raise FileExistsError(f"data.synthetic.out_dir = '{out}' holds files that are not a shapes "
+                                  f"world ({foreign[:3]}); refusing to overwrite it: choose another path")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     summary = {"params": params, "classes": sorted(SHAPES),
