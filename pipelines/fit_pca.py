@@ -5,8 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from jetformer.config import ConfigError, load_config
 from jetformer.data.dataset import ArrowImageDataset
 from jetformer.data.pca import fit_pca, save_pca
