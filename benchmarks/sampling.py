@@ -1,0 +1,157 @@
+"""Sampling speed: one image with and without the KV cache, and flow encode/decode throughput.
+
+    python benchmarks/sampling.py [--preset NAME] [--set key=value ...] [--checkpoint DIR]
+                                  [--threads 2] [--repeats 3] [--flow-batch 64]
+
+Without the cache every step recomputes the whole sequence (prefix + tokens so far), O(L^2)
+token passes for an image of N tokens; with it, one prefill and N - 1 single-token steps.
+Target (issue 7): the cache is >= 10x faster for a full image at the default preset. Reported
+twice: the latency of one image (batch 1: at the tiny default both paths are bound by per-op
+overhead, not FLOPs, so the gap is small) and the time per image when sampling a batch of
+`eval.batch_size` images as the pipeline does (`kv_cache_speedup`).
+Sampling uses the CFG batch (conditional + [NOLABEL] stream) at `eval.cfg_scale`. Weights are
+random unless --checkpoint is given (timing depends on sizes, not on what was learned).
+Writes benchmarks/results/sampling.json (atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from jetformer.config import load_config  # noqa: E402
+from jetformer.models.jetformer import EOS_ID, JetFormer  # noqa: E402
+from jetformer.noise import to_model_space  # noqa: E402
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_time(fn, device, repeats: int, warmup: bool = True) -> float:
+    if warmup:
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def build(args, device):
+    if args.checkpoint:
+        from jetformer.train.checkpoint import load_trained
+        model, cfg = load_trained(args.checkpoint, device=device)
+        return model, cfg
+    cfg = load_config(REPO / "params.yaml", overlays=args.preset, overrides=args.set)
+    torch.manual_seed(0)
+    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size,
+                      num_classes=cfg.model.num_classes or 10)
+    return model.to(device).eval(), cfg
+
+
+def condition(model, cfg, device, batch: int):
+    """Example prompts: class labels, or captions of 3..10 tokens padded to max_text_len."""
+    if cfg.model.conditioning == "class":
+        return {"labels": torch.arange(batch, device=device) % model.num_classes}
+    T = cfg.tokenizer.max_text_len
+    text = torch.zeros(batch, T, dtype=torch.long, device=device)
+    for i in range(batch):
+        n = min(3 + i % 8, T)
+        text[i, :n - 1] = (torch.arange(n - 1) + i) % (model.vocab_size - 4) + 4
+        text[i, n - 1] = EOS_ID
+    return {"text": text, "text_mask": text != 0}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", action="append", default=[])
+    p.add_argument("--set", action="append", default=[])
+    p.add_argument("--checkpoint", default="")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=int, default=0, help="images per sampling batch for the "
+                   "throughput numbers (default eval.batch_size)")
+    p.add_argument("--flow-batch", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sampling.json"))
+    args = p.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                          if args.device == "auto" else args.device)
+    model, cfg = build(args, device)
+    cfg_scale, temperature = cfg.eval.cfg_scale, cfg.eval.temperature
+    batch = args.batch or cfg.eval.batch_size
+
+    def sample(use_cache, n):
+        cond = condition(model, cfg, device, n)
+
+        def run():
+            model.sample_images(**cond, cfg_scale=cfg_scale, temperature=temperature,
+                                generator=torch.Generator(device).manual_seed(0),
+                                use_cache=use_cache)
+        return run
+
+    with torch.no_grad():
+        t_cache = best_time(sample(True, 1), device, args.repeats)
+        t_nocache = best_time(sample(False, 1), device, max(1, args.repeats - 1))
+        tb_cache = best_time(sample(True, batch), device, args.repeats) / batch
+        tb_nocache = best_time(sample(False, batch), device, 1, warmup=False) / batch
+        R, B = cfg.data.resolution, args.flow_batch
+        images = torch.randint(0, 256, (B, R, R, 3), dtype=torch.uint8, device=device)
+        x = to_model_space(images)
+        tokens, rest, _ = model.codec.encode(x)
+        t_encode = best_time(lambda: model.codec.encode(x), device, args.repeats)
+        t_decode = best_time(lambda: model.codec.decode(tokens, rest), device, args.repeats)
+
+    result = {
+        "preset": args.preset or ["<params.yaml default>"],
+        "overrides": args.set,
+        "checkpoint": args.checkpoint or None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "threads": args.threads,
+        "params_total": sum(q.numel() for q in model.parameters()),
+        "image_tokens": cfg.num_image_tokens,
+        "cfg_scale": cfg_scale,
+        "temperature": temperature,
+        # latency of a single image (batch of 1; the CFG batch holds 2 rows)
+        "sample_one_image_s_kv_cache": round(t_cache, 4),
+        "sample_one_image_s_no_cache": round(t_nocache, 4),
+        "kv_cache_speedup_batch1": round(t_nocache / t_cache, 2),
+        # time per image when sampling `batch` images at once (the sample/eval stages)
+        "batch": batch,
+        "sample_per_image_s_kv_cache": round(tb_cache, 4),
+        "sample_per_image_s_no_cache": round(tb_nocache, 4),
+        "kv_cache_speedup": round(tb_nocache / tb_cache, 2),
+        "flow_batch": B,
+        "flow_encode_images_per_s": round(B / t_encode, 1),
+        "flow_decode_images_per_s": round(B / t_decode, 1),
+        "torch": torch.__version__,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, out)
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
