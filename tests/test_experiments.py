@@ -195,3 +195,72 @@ def test_compare_unknown_experiment_fails_clearly(tmp_path):
     _log_runs(uri, tmp_path)
     with pytest.raises(ValueError, match="'nope' not found.*cmp"):
         compare("nope", tracking_uri=uri, out_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- ablate
+def test_ablation_rows_configs_and_applicability():
+    from jetformer.ablate import ROWS, ablation_config, not_applicable, row_names
+    assert row_names()[0] == "baseline" and set(row_names()[1:]) == set(ABLATIONS)
+    for base in ([], ["tiny", "class_conditional"]):
+        if any(p not in PRESETS for p in base):
+            continue
+        cfgs = {r.name: ablation_config(r.name, PARAMS, base) for r in ROWS}
+        assert len({c.train.out_dir for c in cfgs.values()}) == len(ROWS)     # no shared checkpoints
+        assert {c.mlflow.experiment for c in cfgs.values()} == {"jetformer-ablations"}
+        assert cfgs["no_flow"].model.factoring == "no_flow"
+        assert cfgs["baseline"].model.factoring == "post_flow"
+        text = not cfgs["baseline"].model.conditioning == "class"
+        assert bool(not_applicable(cfgs["one_class_token"], "one_class_token")) == text
+        assert all(not not_applicable(c, n) for n, c in cfgs.items() if n != "one_class_token")
+
+
+def test_ablation_table_compares_against_the_baseline():
+    from jetformer.ablate import table_rows, to_csv, to_markdown
+    results = {"baseline": {"status": "done", "steps": 10, "fid": 10.0, "val_bits_per_dim": 4.0},
+               "no_flow": {"status": "done", "steps": 10, "fid": 30.0},           # worse: as the paper
+               "one_mixture": {"status": "done", "steps": 10, "fid": 8.5},        # better: not as the paper
+               "one_class_token": {"status": "n/a", "note": "text model"}}
+    rows = {r["ablation"]: r for r in table_rows(results)}
+    assert rows["baseline"]["paper_direction_reproduced"] == "n/a"
+    assert rows["no_flow"]["fid_vs_baseline"] == 20.0 and rows["no_flow"]["paper_direction_reproduced"] == "yes"
+    assert rows["one_mixture"]["fid_vs_baseline"] == -1.5
+    assert rows["one_mixture"]["paper_direction_reproduced"] == "no"
+    assert rows["one_class_token"]["paper_direction_reproduced"] == "n/a"
+    table = list(csv.DictReader(to_csv(list(rows.values())).splitlines()))
+    assert float(table[1]["fid"]) == 30.0
+    md = to_markdown(list(rows.values()), "# t")
+    assert "1 of 2 rows" in md and "text model" in md
+
+
+@pytest.mark.slow
+def test_ablate_micro_budget_end_to_end(tmp_path, monkeypatch):
+    """Baseline + the pca row at a micro budget through run_training (Ray Train, one start per
+    row), the evaluation functions, the tables and MLflow."""
+    import ray
+    from mlflow.tracking import MlflowClient
+    from jetformer.ablate import run_ablations
+    from test_tune import build_micro_project
+    params = build_micro_project(tmp_path, "train.steps=4", "train.num_workers=1",
+                                 "train.checkpoint_every=4", "pca.num_images=20")
+    monkeypatch.chdir(tmp_path)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    try:
+        rows = run_ablations(params, only=["pca"], out_dir=tmp_path / "results")
+    finally:
+        ray.shutdown()
+    assert [r["ablation"] for r in rows] == ["baseline", "pca"]
+    assert all(r["status"] == "done" and r["steps"] == 4 for r in rows)
+    for r in rows:
+        assert math.isfinite(r["fid"]) and math.isfinite(r["val_bits_per_dim"])
+        assert 0.0 <= r["attribute_accuracy"] <= 1.0
+    assert (tmp_path / "models" / "ablations" / "pca_p2.pt").is_file()     # fitted for the pca row
+    with open(tmp_path / "results" / "ablations.csv") as f:
+        table = {r["ablation"]: r for r in csv.DictReader(f)}
+    assert float(table["pca"]["fid"]) == next(r["fid"] for r in rows if r["ablation"] == "pca")
+    assert "| pca | done | 4 |" in (tmp_path / "results" / "ablations.md").read_text()
+    cl = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = cl.get_experiment_by_name("microtest-ablations")
+    runs = {r.info.run_name: r for r in cl.search_runs([exp.experiment_id])}
+    assert set(runs) == {"ablation-baseline", "ablation-pca"}
+    assert runs["ablation-pca"].data.params["model.factoring"] == "pca"
+    assert runs["ablation-pca"].data.metrics["fid"] == float(table["pca"]["fid"])

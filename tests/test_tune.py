@@ -96,29 +96,34 @@ def test_best_trial_pick_and_overlay(tmp_path):
 
 
 # ----------------------------------------------------------------------------- under Ray
-@pytest.fixture(scope="module")
-def micro_project(tmp_path_factory):
-    """A micro shapes world (8 px, class-conditional), prepared, with a judge, in a temp dir."""
+def build_micro_project(root, *extra_overrides):
+    """A micro shapes world (8 px, class-conditional) prepared in `root`, with an untrained judge
+    at the judge stage's path (`root/models/judge.pt`; tests chdir to `root`). Returns the
+    params file. An untrained judge gives meaningless but valid FIDs."""
     import torch
-    from jetformer.config import load_config
     from jetformer.data.prepare import prepare
     from jetformer.eval.judge import Judge, save_judge
-    root = tmp_path_factory.mktemp("sweep_project")
     params = load_config_dict(PARAMS, overrides=TINY_OVERRIDES + (
         "model.conditioning=class", "train.task=class", "train.steps=6", "train.log_every=2",
-        "train.val_images=8", "train.sample_prompts=2", "eval.batch_size=8",
+        "train.val_images=8", "train.sample_prompts=2", "eval.batch_size=8", "eval.num_samples=8",
         f"data.synthetic.out_dir={root / 'raw'}", "data.synthetic.num_train=40",
         "data.synthetic.num_val=12", "data.synthetic.min_side=16", "data.synthetic.max_side=24",
         "data.synthetic.bad_files=false", f"data.prepared_dir={root / 'prepared'}", "data.workers=1",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow.experiment=sweeptest",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow.experiment=microtest",
         f"tune.storage_dir={root / 'tune'}", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=1",
-        "train.max_failures=0"))
+        f"train.storage_dir={root / 'ray_runs'}", "train.max_failures=0") + tuple(extra_overrides))
     params_file = _write(root / "params.yaml", params)
-    cfg = load_config(params_file)
-    prepare(cfg)
-    torch.manual_seed(0)   # an untrained judge is enough for a (meaningless but valid) FID
+    prepare(load_config(params_file))
+    torch.manual_seed(0)
     save_judge(Judge({"shape": ["circle", "square", "triangle"]}, resolution=8, width=8,
                      feature_dim=16), root / "models" / "judge.pt")
+    return params_file
+
+
+@pytest.fixture(scope="module")
+def micro_project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sweep_project")
+    params_file = build_micro_project(root)
     space = _write(root / "space.yaml", {
         "name": "micro", "space": {"train.noise.sigma0": {"grid": [0.0, 4.0]}},
         "metric": "val_fid", "mode": "min",
@@ -146,6 +151,7 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
     assert any(r["status"] == "completed" and r["step"] == 6 for r in res["trials"])
 
     cl = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    assert cl.get_experiment(res["experiment_id"]).name == "microtest"
     parent = cl.get_run(res["parent_run_id"])
     assert parent.data.tags["jetformer.role"] == "sweep" and parent.info.status == "FINISHED"
     assert parent.data.params["train.steps"] == "6"
