@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install repro test bench clean-runs
+.PHONY: install repro test bench clean-runs params
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test: install
 
 bench: install
 	for b in benchmarks/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
+
+# params.yaml <- params.yaml + overlays, e.g.  make params PRESET="jetformer_b imagenet256"
+params: install
+	$(BIN)/python -c 'import sys, yaml; from jetformer.config import load_config, load_config_dict; \
+	d = load_config_dict("params.yaml", sys.argv[1:]); load_config(d); \
+	open("params.yaml", "w").write(yaml.safe_dump(d, sort_keys=False))' $(PRESET)
 
 clean-runs:
 	rm -rf .ray_runs .ray_tune

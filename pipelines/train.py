@@ -22,6 +22,8 @@ def main(argv=None) -> int:
         except NonFiniteLossError as e:
             print(f"train failed: {e}", file=sys.stderr)
             return 1
+        except (KeyboardInterrupt, SystemExit):   # Ctrl-C: never report success to DVC
+            return 130
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"train failed: {e}", file=sys.stderr)
         return 1

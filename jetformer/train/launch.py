@@ -246,6 +246,10 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
         monitor.start()
         try:
             result = trainer.fit()
+        except (KeyboardInterrupt, SystemExit):   # Ray's SIGINT handler aborts, then exits
+            print(f"train: interrupted; run it again (dvc repro) to resume from the last "
+                  f"checkpoint in {run_dir}", flush=True)
+            raise
         except Exception as e:
             raise RuntimeError(f"training failed ({type(e).__name__}): {e}\nRay run dir: "
                                f"{run_dir}; worker logs: <ray temp dir>/session_latest/logs/"
@@ -330,8 +334,9 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
     else:
         try:
             checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker)
-        except BaseException:
-            tracking.end_run(cfg, run_id, status="FAILED")
+        except BaseException as e:
+            interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
+            tracking.end_run(cfg, run_id, status="KILLED" if interrupted else "FAILED")
             raise
         wall = time.time() - start
         _write_json(marker, {"checkpoint": checkpoint_path, "wall_time_s": wall})
@@ -363,9 +368,10 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
     tracking.log_artifact(cfg, run_id, samples_dir, "samples")
     tracking.log_artifact(cfg, run_id, model_file, "checkpoint")
     tracking.end_run(cfg, run_id)
-    last = state["history"][-1] if state["history"] else {}
+    def fmt(v, spec):
+        return "n/a" if v is None else format(v, spec)
     print(f"train: done in {_duration(wall)}: {summary['steps']} steps, train bits/dim "
-          f"{last.get('bits_per_dim', float('nan')):.3f}, val bits/dim "
-          f"{summary['val_bits_per_dim']}, {summary['examples_per_s']} ex/s; "
-          f"checkpoint {model_file}; MLflow run {run_id}", flush=True)
+          f"{fmt(summary['train_bits_per_dim'], '.3f')}, val bits/dim "
+          f"{fmt(summary['val_bits_per_dim'], '.3f')}, {fmt(summary['examples_per_s'], '.1f')} "
+          f"ex/s; checkpoint {model_file}; MLflow run {run_id}", flush=True)
     return {**summary, "run_id": run_id, "run_dir": str(run_dir), "checkpoint": str(model_file)}
