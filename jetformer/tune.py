@@ -317,6 +317,7 @@ def run_trial(config: dict, sweep: dict) -> None:
     from ray import tune
 
     from jetformer.train import tracking
+    from jetformer.train.launch import CSV_COLUMNS
     from jetformer.train.loop import train_loop
 
     os.chdir(sweep["cwd"])
@@ -326,9 +327,10 @@ def run_trial(config: dict, sweep: dict) -> None:
     run_id = _child_run(sweep, cfg, ctx.get_trial_name(), ctx.get_trial_id())
     quality = SampleQuality(cfg, sweep["fid_samples"]) if sweep["fid_samples"] >= 2 else None
 
-    def progress(row: dict) -> None:
+    def progress(row: dict) -> None:   # the same curves the pipeline's run logs
         if "event" not in row:
-            tracking.log_metrics(cfg, run_id, row, step=int(row["step"]))
+            tracking.log_metrics(cfg, run_id, {k: v for k, v in row.items()
+                                               if k in CSV_COLUMNS and k != "step"}, int(row["step"]))
 
     def reporter(metrics: dict, checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items()
@@ -380,6 +382,7 @@ def _init_ray(cfg) -> bool:
     import ray
     if ray.is_initialized():
         return False
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, configure_logging=True)
@@ -541,6 +544,8 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
         state_file.unlink(missing_ok=True)
     state = _parent_run(cfg, spec, sid, state_file, base, fresh)
 
+    # checkpoints at every validation make Tune warn about its state snapshots: expected here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     started = _init_ray(cfg)
