@@ -9,7 +9,7 @@ from jetformer.config import ConfigError, load_config
 from jetformer.eval.report import log_to_training_run, merge_results, read_json, write_json
 
 PARTS = ("judge", "generation", "caption", "vqa", "understanding")
-ARTIFACTS = ("samples_t2i.png", "samples_class.png", "generation_attributes.csv", "caption_predictions.csv",
+ARTIFACTS = ("samples", "generation_attributes.csv", "caption_predictions.csv",
              "vqa_predictions.csv", "zeroshot_predictions.csv", "nll_per_image.csv",
              "finetune_caption.csv", "finetune_vqa.csv")
 

@@ -41,6 +41,8 @@ def main() -> int:
     common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
                   log=lambda s: print(s, flush=True))
     out_dir, plots = Path(args.out_dir), Path(args.plots)
+    for stale in [out_dir / "t2i.pt", out_dir / "class.pt", plots / "samples" / "t2i.png"]:
+        stale.unlink(missing_ok=True)     # a previous run's samples must not outlive a model change
     t0 = time.time()
     report = {}
 
@@ -51,7 +53,7 @@ def main() -> int:
                                   seed=cfg.seed, **common)
         atomic_torch_save({"images": images, "prompts": prompts, "ids": [it["id"] for it in items],
                            "attributes": [it["attributes"] for it in items]}, out_dir / "t2i.pt")
-        save_png(make_grid(images[:64], nrow=8, scale=4), plots / "samples_t2i.png")
+        save_png(make_grid(images[:64], nrow=8, scale=4), plots / "samples" / "t2i.png")
         report["t2i"] = len(images)
     else:
         print("sample: no text-to-image samples (class-conditional model or a source without captions)")
@@ -68,7 +70,7 @@ def main() -> int:
     atomic_torch_save({"images": images, "prompts": prompts, "labels": labels, "classes": val.classes,
                        "ids": [it["id"] for it in items]}, out_dir / "class.pt")
     order = sorted(range(len(labels)), key=lambda i: labels[i])[:64]   # grid sorted by class
-    save_png(make_grid(images[order], nrow=8, scale=4), plots / "samples_class.png")
+    save_png(make_grid(images[order], nrow=8, scale=4), plots / "samples" / "class.png")
     report["class"] = len(images)
     print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature {e.temperature})")
     return 0
