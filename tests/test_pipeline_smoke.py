@@ -82,6 +82,8 @@ def test_micro_dvc_repro_produces_every_output_and_is_idempotent(tmp_path):
     run = json.loads((repo / "models/checkpoint/mlflow_run.json").read_text())
     assert run["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"          # inside the copy
     assert (repo / "dvc.lock").is_file()
+    plots = _dvc(["plots", "show", "--json"], repo, env, timeout=300)       # every plot loads
+    assert plots.returncode == 0 and not json.loads(plots.stdout).get("errors"), plots.stdout[-3000:]
 
     t0 = time.time()
     second = _dvc(["repro"], repo, env, timeout=300)

@@ -24,6 +24,7 @@ import os
 import queue as queue_lib
 import shutil
 import signal
+import tempfile
 import threading
 import time
 import warnings
@@ -59,11 +60,13 @@ def absolute_paths(cfg: Config, root: Path) -> Config:
 
 
 def data_fingerprint(cfg: Config) -> str:
-    """Hashes of what the prepared inputs are (metadata + report, tokenizer, PCA): new data
-    under the same parameters must not resume an old run either."""
+    """What the prepared inputs are (metadata, shard names and sizes, tokenizer, PCA): new
+    data under the same parameters must not resume an old run either. (Not the report: it
+    holds timings, and identical data prepared again should still resume.)"""
     prepared = Path(cfg.data.prepared_dir)
-    parts = [tracking.file_hash(prepared / "metadata.json"),
-             tracking.file_hash(prepared / "prepare_report.json")]
+    shards = sorted(f"{p.relative_to(prepared)}:{p.stat().st_size}"
+                    for p in prepared.glob("*/*.arrow"))
+    parts = [tracking.file_hash(prepared / "metadata.json"), ";".join(shards)]
     if cfg.model.conditioning == "text":
         parts.append(tracking.file_hash(Path(cfg.tokenizer.out_path)))
     if cfg.model.factoring == "pca":
@@ -358,14 +361,18 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
     if samples_dir.exists():
         shutil.rmtree(samples_dir)
     samples_dir.mkdir(parents=True)
+    # grids as images only (`dvc plots show` fails on other files); their captions go to MLflow
+    listings = Path(tempfile.mkdtemp(prefix="jetformer-samples-"))
     for name, data in state["samples"].items():
-        ckpt.atomic_write_bytes(samples_dir / name, data)
+        ckpt.atomic_write_bytes((samples_dir if name.endswith(".png") else listings) / name, data)
 
     tracking.log_metrics(cfg, run_id, {f"final_{k}": v for k, v in summary.items()
                                        if v is not None}, summary["steps"])
     tracking.log_artifact(cfg, run_id, metrics_path, "metrics")
     tracking.log_artifact(cfg, run_id, curves_path, "plots")
     tracking.log_artifact(cfg, run_id, samples_dir, "samples")
+    tracking.log_artifact(cfg, run_id, listings, "samples")
+    shutil.rmtree(listings)
     tracking.log_artifact(cfg, run_id, model_file, "checkpoint")
     tracking.end_run(cfg, run_id)
     def fmt(v, spec):

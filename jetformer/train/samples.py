@@ -1,28 +1,36 @@
 """Sample grids during training: for a few val captions (or classes), the real image followed by
-samples drawn with CFG, one row per prompt (DESIGN §1: grids under `plots/`)."""
+samples drawn with CFG, one row per prompt under its caption (DESIGN §1: grids under `plots/`)."""
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from jetformer.models.jetformer import JetFormer
 
 
-def tile(rows: list[torch.Tensor], scale: int = 4, gap: int = 2) -> Image.Image:
+def tile(rows: list[torch.Tensor], labels: list[str] | None = None, scale: int = 4,
+         gap: int = 2, label_height: int = 14) -> Image.Image:
     """rows: each uint8 [n, H, W, 3] (same H, W, n) -> one image, nearest-upscaled by `scale`,
-    white gaps between cells."""
+    white gaps between cells, and `labels[r]` written above row r."""
     n, H, W, _ = rows[0].shape
     h, w = H * scale, W * scale
-    canvas = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 255, np.uint8)
+    band = label_height if labels else 0
+    canvas = np.full((len(rows) * (h + gap + band) + gap, n * (w + gap) + gap, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c in range(n):
             cell = row[c].cpu().numpy().repeat(scale, 0).repeat(scale, 1)
-            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            y, x = gap + band + r * (h + gap + band), gap + c * (w + gap)
             canvas[y:y + h, x:x + w] = cell
-    return Image.fromarray(canvas)
+    image = Image.fromarray(canvas)
+    if labels:
+        draw = ImageDraw.Draw(image)
+        font = ImageFont.load_default()
+        for r, text in enumerate(labels):
+            draw.text((gap + 1, r * (h + gap + band) + 1), text, fill=(0, 0, 0), font=font)
+    return image
 
 
 @torch.no_grad()
@@ -47,7 +55,7 @@ def sample_grid(model: JetFormer, items: list[dict], tokenizer, max_text_len: in
     images = images.view(len(items), k, *images.shape[1:])                     # [P, k, H, W, 3]
     rows = [torch.cat([it["image"][None], images[i].cpu()]) for i, it in enumerate(items)]
     buf = io.BytesIO()
-    tile(rows).save(buf, format="PNG")
+    tile(rows, labels=prompts).save(buf, format="PNG")
     listing = "".join(f"row {i}: {p}  (first column: the real val image)\n"
                       for i, p in enumerate(prompts))
     return buf.getvalue(), listing
