@@ -366,17 +366,18 @@ class _Trainer:
             out = self.objective(batch, sigma, self.step_gen, self.stage.name == "flow")
         loss = out["loss"]
         # [sum, count] per curve key, summed over ranks: global means + one finiteness check
-        values = []
-        for k in ("loss", "image_bpd", "text_nll", "logdet_per_dim", "prior_nll_per_dim"):
-            v = out.get(k)
-            v = float("nan") if v is None else float(v.detach())
-            finite_or_loss = math.isfinite(v) or k == "loss"
-            values += [v if finite_or_loss else 0.0, 1.0 if finite_or_loss else 0.0]
-        stats = torch.tensor(values, dtype=torch.float64)
+        # (one device->host copy per update)
+        nan = torch.tensor(float("nan"), device=self.device)
+        vals = torch.stack([out[k].detach().float() if k in out else nan
+                            for k in ("loss", "image_bpd", "text_nll", "logdet_per_dim",
+                                      "prior_nll_per_dim")])
+        counted = torch.isfinite(vals)
+        counted[0] = True                      # the loss counts even when it is NaN
+        stats = torch.stack([torch.where(counted, vals, 0.0), counted.float()], 1).flatten()
+        stats = stats.double()
         if self.world_size > 1:
-            stats = stats.to(self.device)
             dist.all_reduce(stats)
-            stats = stats.cpu()
+        stats = stats.cpu()
         if not math.isfinite(float(stats[0])):
             raise NonFiniteLossError(
                 f"non-finite loss ({float(stats[0]) / self.world_size}) at update "
