@@ -105,14 +105,15 @@ def ensure_pca(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
-    """Sample quality of a trained model as the evaluation measures it: samples with CFG
-    (eval.cfg_scale, eval.temperature) for the first eval.num_samples val classes/captions,
-    FID / precision / recall / KID against those val images, and the judge's attribute
-    accuracy of the samples (the attributes the class or caption asked for)."""
+    """Sample quality of a trained model measured as the `sample` + `evaluate_generation` stages
+    do: samples with CFG (eval.cfg_scale, eval.temperature) for the first eval.num_samples val
+    captions (text models) or labels (class models); FID / precision / recall / KID against all
+    val images; attribute accuracy = mean fraction of the asked attributes (caption: main
+    shape and colour; class: shape) that the judge sees in the sample."""
     import torch
     from jetformer.data.dataset import ArrowImageDataset
     from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
-    from jetformer.eval.judge import load_judge, scene_targets
+    from jetformer.eval.judge import load_judge
     from jetformer.eval.sampling import sample_from_labels, sample_from_text
     from jetformer.train.checkpoint import load_trained
     from jetformer.tune import judge_path
@@ -122,31 +123,35 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n = min(e.num_samples, len(val))
     items = [val[i] for i in range(n)]
-    real = torch.stack([it["image"] for it in items])
+    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
     if mcfg.model.conditioning == "class":
-        fake = sample_from_labels(model, [int(it["label"]) for it in items], cfg_scale=e.cfg_scale,
-                                  temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
-        asked = [{"shape": val.classes[int(it["label"])]} for it in items]
+        fake = sample_from_labels(model, [int(it["label"]) for it in items], **common)
+        asked = [{"shape": val.classes[int(it["label"])], "label": str(int(it["label"]))} for it in items]
     else:
         from jetformer.data.tokenizer import TextTokenizer
-        tok = TextTokenizer(mcfg.tokenizer.out_path)
-        fake = sample_from_text(model, tok, [it["captions"][0] for it in items],
-                                max_text_len=mcfg.tokenizer.max_text_len, cfg_scale=e.cfg_scale,
-                                temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
-        asked = [{k: v for k, v in scene_targets(it).items() if k in ("shape", "color")} for it in items]
+        g = torch.Generator().manual_seed(cfg.seed)
+        prompts = [it["captions"][int(torch.randint(len(it["captions"]), (), generator=g))] for it in items]
+        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path), prompts,
+                                max_text_len=mcfg.tokenizer.max_text_len, **common)
+        asked = [{k: str(main[k]) for k in ("shape", "color") if k in main}
+                 for main in ((it["attributes"] or {}).get("objects", [{}])[0] for it in items)]
     extractor = resolve_extractor(e.feature_extractor, cfg.data.source)
     jp = judge_path(cfg) if extractor == "domain" else None
-    out = fidelity_metrics(fake, real, extractor=extractor, judge_path=jp,
-                           inception_weights=e.inception_weights, batch_size=e.batch_size, seed=cfg.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = fidelity_metrics(fake, val.images(), extractor=extractor, judge_path=jp,
+                           inception_weights=e.inception_weights, batch_size=e.batch_size,
+                           device=device, seed=cfg.seed)
     out.pop("kid_std", None)
     out["attribute_accuracy"] = float("nan")
     if jp is not None:
-        judge = load_judge(jp)
-        pred = judge.predict(fake)
-        heads = [h for h in asked[0] if h in pred]
-        if heads:
-            ok = [all(pred[h][i] == a[h] for h in heads) for i, a in enumerate(asked)]
-            out["attribute_accuracy"] = sum(ok) / len(ok)
+        pred = load_judge(jp).predict(fake)
+        if mcfg.model.conditioning == "class":   # in the judge's terms: the shape, else the label
+            head = "shape" if "shape" in pred else "label"
+            asked = [{head: a[head]} for a in asked]
+        per = [sum(pred[h][i] == v for h, v in a.items()) / len(a)
+               for i, a in enumerate(asked) if a and all(h in pred for h in a)]
+        if per:
+            out["attribute_accuracy"] = sum(per) / len(per)
     out["num_samples"] = n
     return out
 
