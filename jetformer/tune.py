@@ -472,14 +472,26 @@ def pick_best(rows: list[dict], spec: SweepSpec) -> dict | None:
 
 
 def best_overlay_text(best: dict, spec: SweepSpec, sid: str) -> str:
+    import shlex
     values = {k: best[k] for k in spec.space}
-    dvc = " ".join(f"-S {k}={v}" for k, v in values.items())
+    dvc = " ".join("-S " + shlex.quote(f"{k}={v}") for k, v in values.items())
     header = (f"# Best trial of sweep {sid} ({spec.path}): {best['trial_id']}, "
               f"{spec.metric} = {best[spec.metric]:.6g} at step {best['step']}.\n"
               f"# Use it as an overlay:  python -m jetformer <command> --preset <this file>\n"
               f"# or as a DVC experiment: dvc exp run {dvc}\n"
               f"# (the sweep's fixed budget overrides are not included: {spec.overrides})\n")
     return header + yaml.safe_dump(nest(values), sort_keys=False)
+
+
+def dvc_set_args(overlays, params: str | Path = "params.yaml") -> str:
+    """`-S key=value ...` for `dvc exp run`: every key the overlays change in `params`, with
+    derived values computed, e.g. `dvc exp run $(python -c "from jetformer.tune import
+    dvc_set_args; print(dvc_set_args(['imagenet256']))")`."""
+    base = load_config(params).flat()
+    new = load_config(params, overlays=list(overlays)).flat()
+    import shlex
+    return " ".join("-S " + shlex.quote(f"{k}={json.dumps(v) if not isinstance(v, str) else v}")
+                    for k, v in new.items() if base[k] != v)
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -177,3 +177,14 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
     assert again["sweep_id"] == res["sweep_id"] and again["parent_run_id"] == res["parent_run_id"]
     assert len(cl.search_runs([res["experiment_id"]],
                               filter_string=f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")) == 2
+
+
+def test_dvc_set_args_reproduce_an_overlay(tmp_path):
+    """`dvc exp run -S ...` flags of an overlay give the same config as the overlay itself."""
+    import shlex
+    from jetformer.tune import dvc_set_args
+    for overlays in (["no_factoring"], ["imagenet256", "two_stage"]):
+        args = shlex.split(dvc_set_args(overlays, PARAMS))
+        sets = [a for a in args if a != "-S"]
+        assert len(sets) == len(args) // 2 and sets
+        assert load_config(PARAMS, overrides=sets) == load_config(PARAMS, overlays=overlays)
