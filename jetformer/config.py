@@ -178,7 +178,7 @@ class EvalConfig:
     cfg_scale: float = 2.0
     temperature: float = 0.95
     batch_size: int = 50
-    judge_steps: int = 600
+    judge_steps: int = 300
     judge_min_accuracy: float = 0.95
     feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
     inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download

@@ -101,7 +101,7 @@ class Judge(nn.Module):
 
 
 def train_judge(images: torch.Tensor, targets: list[dict[str, str]], *, steps: int, batch_size: int = 64,
-                lr: float = 2e-3, seed: int = 0, width: int = 32, feature_dim: int = 64,
+                lr: float = 2e-3, seed: int = 0, width: int = 16, feature_dim: int = 64,
                 device: str | torch.device = "cpu", log_every: int = 100, log=print) -> Judge:
     """Train a judge on uint8 images [N,H,W,3] and their `scene_targets`. AdamW, cosine lr,
     random left-right flips (no predicted attribute depends on left/right)."""
