@@ -79,6 +79,8 @@ class SweepSpec:
 def load_sweep(path: str | Path) -> SweepSpec:
     """Parse and check a sweep-space file (keys, domains, metric, scheduler)."""
     path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"sweep-space file not found: {path} (e.g. experiments/sweeps/noise.yaml)")
     d = read_yaml(path)
 
     def fail(key: str, msg: str):
