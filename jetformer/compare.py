@@ -20,7 +20,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jetformer.config import REPO_ROOT
 
 SIGMA0 = "train.noise.sigma0"
 # params always shown (when logged) even if equal across runs: the swept noise schedule
@@ -45,16 +44,12 @@ class RunRecord:
 
 
 def default_tracking_uri() -> str:
-    """`$MLFLOW_TRACKING_URI`, else `mlflow.tracking_uri` of params.yaml, else the repo's SQLite."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    params = REPO_ROOT / "params.yaml"
-    if params.is_file():
-        from jetformer.config import load_config
-        uri = load_config(params).mlflow.tracking_uri
-        if uri:
-            return uri
-    return f"sqlite:///{REPO_ROOT / 'mlflow.db'}"
+    """The pipeline's own rule (`jetformer.train.tracking.tracking_uri`): `mlflow.tracking_uri`
+    of ./params.yaml, else $MLFLOW_TRACKING_URI, else the project's SQLite file."""
+    from jetformer.config import Config, load_config
+    from jetformer.train.tracking import tracking_uri
+    cfg = load_config("params.yaml") if Path("params.yaml").is_file() else Config()
+    return tracking_uri(cfg)
 
 
 def load_runs(experiment: str, tracking_uri: str, parent_run: str = "",
