@@ -68,7 +68,7 @@ class SweepSpec:
     metric: str = "val_fid"
     mode: str = "min"
     search: str = "grid"
-    num_samples: int = 1
+    num_samples: int = 1                         # absent from the file: tune.num_samples
     scheduler: dict = field(default_factory=lambda: {"type": "asha", "grace_period": 0,
                                                      "reduction_factor": 2})
     validation: dict = field(default_factory=lambda: {"every": 0, "fid_samples": 200})
@@ -544,7 +544,9 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
     if spec.experiment:
         base = deep_merge(base, nest({"mlflow.experiment": spec.experiment}))
     cfg = load_config(base)
-    n_grid = check_space(spec, base)
+    if "num_samples" not in spec.raw:     # the file's value wins over the tune section's
+        spec.num_samples = cfg.tune.num_samples
+    n_trials = check_space(spec, base)
     _check_inputs(cfg, spec)
     from jetformer.train import tracking
     base = deep_merge(base, nest({"mlflow.tracking_uri": tracking.tracking_uri(cfg)}))
@@ -584,8 +586,7 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
                                           reduction_factor=spec.scheduler["reduction_factor"])
             else:
                 scheduler = FIFOScheduler()
-            print(f"sweep {sid}: {n_grid} grid point(s) x {spec.num_samples if spec.search == 'random' else 1} "
-                  f"sample(s), {steps} steps each, metric {spec.metric} ({spec.mode}); Tune dir {exp_dir}")
+            print(f"sweep {sid}: {n_trials} trial(s), {steps} steps each, metric {spec.metric} ({spec.mode}); Tune dir {exp_dir}")
             tuner = tune.Tuner(
                 trainable, param_space=tune_param_space(spec),
                 tune_config=tune.TuneConfig(
