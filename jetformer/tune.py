@@ -599,6 +599,9 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         results = tuner.fit()
         wall = time.time() - t0
+    except BaseException:   # Ctrl-C or Ray trouble: the sweep stays restorable, its run says so
+        tracking.client(cfg).set_terminated(state["parent_run_id"], "KILLED")
+        raise
     finally:
         if started:
             import ray
