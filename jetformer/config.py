@@ -90,11 +90,11 @@ class PCAConfig:
 @dataclass
 class FlowConfig:
     """Jet (paper §4 'Architecture'): channel-wise affine couplings, ViT blocks predict scale/shift."""
-    num_couplings: int = 16
-    width: int = 64
+    num_couplings: int = 32         # paper's depth; scale cap 2^(couplings/2) per dim (~9 bits needed)
+    width: int = 32
     depth: int = 1                  # ViT blocks per coupling
-    num_heads: int = 4
-    mlp_dim: int = 128
+    num_heads: int = 2
+    mlp_dim: int = 64
     dropout: float = 0.0
 
 
@@ -105,7 +105,7 @@ class DecoderConfig:
     depth: int = 4
     num_heads: int = 4
     head_dim: int = 32
-    mlp_dim: int = 512
+    mlp_dim: int = 384
     dropout: float = 0.1
     rope_base: float = 10000.0
 

@@ -192,7 +192,7 @@ class JetFormer(nn.Module):
     # ------------------------------------------------------------------ training loss
     def _draw_image_first(self, batch: dict, B: int, generator) -> torch.Tensor:
         if self.conditioning == "class":
-            if "image_first" in batch and bool(torch.as_tensor(batch["image_first"]).any()):
+            if batch.get("image_first") is not None and bool(torch.as_tensor(batch["image_first"]).any()):
                 raise ValueError("batch['image_first']: a class-conditional model has no "
                                  "image-first rows")
             return torch.zeros(B, dtype=torch.bool, device=self.device)
