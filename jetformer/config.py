@@ -137,7 +137,7 @@ class NoiseConfig:
 @dataclass
 class TrainConfig:
     task: str = "both"              # t2i | i2t | both (multimodal) | class (class-conditional)
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 32            # global batch, split across workers
     lr: float = 1e-3
     warmup_frac: float = 0.1
