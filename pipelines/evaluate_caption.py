@@ -38,7 +38,7 @@ def main() -> int:
         return 1
     if info.get("skipped"):
         write_json(args.metrics, {"cider": None, "baseline_cider": None, "caption_skipped": info["skipped"]})
-        write_csv(Path(args.plots) / "caption_predictions.csv", [])
+        write_csv(Path(args.plots) / "caption_predictions.csv", [], fields=["index", "cider"])
         print(f"evaluate_caption: skipped ({info['skipped']})")
         return 0
     model, mcfg = load_trained(args.model)

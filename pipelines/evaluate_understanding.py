@@ -67,7 +67,7 @@ def main() -> int:
         print("zero-shot classification: skipped (class-conditional model has no text head)")
     metrics["understanding_seconds"] = time.time() - t0
     write_json(args.metrics, metrics)
-    write_csv(Path(args.plots) / "zeroshot_predictions.csv", rows)
+    write_csv(Path(args.plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
     write_csv(Path(args.plots) / "nll_per_image.csv",
               [{"index": i, "bits_per_dim": b, "png_bits_per_dim": p} for i, (b, p) in
                enumerate(zip(bpd.tolist(), png.tolist()))])

@@ -42,7 +42,7 @@ def main() -> int:
     if info.get("skipped"):
         write_json(args.metrics, {"vqa_accuracy": None, "baseline_vqa_accuracy": None,
                                   "vqa_skipped": info["skipped"]})
-        write_csv(Path(args.plots) / "vqa_predictions.csv", [])
+        write_csv(Path(args.plots) / "vqa_predictions.csv", [], fields=["index", "accuracy"])
         print(f"evaluate_vqa: skipped ({info['skipped']})")
         return 0
     model, mcfg = load_trained(args.model)

@@ -55,7 +55,7 @@ def main() -> int:
         print(f"finetune {args.task}: skipped ({info['skipped']}); saving the trained model unchanged")
     save_finetuned(model, source, out_dir / MODEL_FILE, step=int(source.get("step", 0)) + len(curve))
     write_json(out_dir / "finetune.json", info)
-    write_csv(Path(args.plots) / f"finetune_{args.task}.csv", curve)
+    write_csv(Path(args.plots) / f"finetune_{args.task}.csv", curve, fields=["step", "loss", "lr"])
     return 0
 
 

@@ -80,7 +80,9 @@ def generate_captions(model, tokenizer, images: torch.Tensor, *, max_len: int, b
 def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str], *, max_text_len: int,
                      max_len: int, batch_size: int) -> list[str]:
     """Greedy answers: prefix [BOI, img, BOS, question] (question ids without EOS, as in
-    `batching.vqa_batch`); images uint8 [N,H,W,3], one question each."""
+    `batching.vqa_batch`); images uint8 [N,H,W,3], one question each. Questions of different
+    lengths are LEFT-padded (right-aligned, as the official sampler does): decoding continues
+    from the last prefix position, which must be a real token."""
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     out = []
@@ -89,7 +91,7 @@ def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str
         prefix = torch.zeros(len(qs), max_text_len, dtype=torch.long)
         for b, q in enumerate(qs):
             ids = tokenizer.encode(q, eos=False)[: max_text_len - 1]
-            prefix[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+            prefix[b, max_text_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
         ids = model.generate_text(images[i:i + batch_size].to(model.device), prefix=prefix.to(model.device),
                                   prefix_mask=(prefix != 0).to(model.device), max_len=max_len)
         out.extend(tokenizer.decode(row) for row in ids.cpu())

@@ -51,13 +51,14 @@ def read_json(path: str | Path) -> dict:
         raise ValueError(f"{path}: invalid JSON ({e})") from None
 
 
-def write_csv(path: str | Path, rows: list[dict]) -> None:
-    """Rows of dicts -> CSV with the union of keys as header (first row's order first)."""
-    fields: list[str] = []
+def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    """Rows of dicts -> CSV with the union of keys as header (first row's order first);
+    `fields` first when given (so an empty file still has the columns its DVC plot reads)."""
+    fields = list(fields or [])
     for r in rows:
         fields.extend(k for k in r if k not in fields)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields or ["empty"])
+    w = csv.DictWriter(buf, fieldnames=fields or ["index"])
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
