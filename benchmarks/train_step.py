@@ -67,6 +67,8 @@ def train_flops_per_example(cfg, device: str) -> float:
     batch = make_batch([ds[i] for i in range(B)], model.conditioning, inputs["tokenizer"],
                        cfg.tokenizer.max_text_len, torch.Generator().manual_seed(0))
     batch = {k: v.to(device) for k, v in batch.items()}
+    if cfg.train.task == "both":   # the expected 50/50 mix of text-first and image-first rows
+        batch["image_first"] = torch.arange(B, device=device) % 2 == 1
     with FlopCounterMode(display=False) as counter:
         model.compute_loss(batch, 8.0)["loss"].backward()
     return counter.get_total_flops() / B
@@ -154,11 +156,13 @@ def main() -> None:
 
     report = {"benchmark": "train_step", "device": device,
               "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
-              "cpu_count": os.cpu_count(), "matmul_peak_gflops_per_worker": round(peak, 1),
+              "cpu_count": os.cpu_count(), "load_average_1m_after": round(os.getloadavg()[0], 2),
+              "matmul_peak_gflops_per_worker": round(peak, 1),
               "matmul_dtype": str(dtype).replace("torch.", ""), "steps": args.steps,
               "overrides": args.set, "results": results,
               "note": "MFU = examples/s x FLOPs/example / (workers x per-worker matmul peak); "
-                      "steps exclude Ray start-up, validation and sampling"}
+                      "steps exclude Ray start-up, validation and sampling; a load average above "
+                      "the core count means other jobs shared the CPUs"}
     out = root / args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
