@@ -1,7 +1,7 @@
 """Sampling speed: one image with and without the KV cache, and flow encode/decode throughput.
 
     python benchmarks/sampling.py [--preset NAME] [--set key=value ...] [--checkpoint DIR]
-                                  [--threads 2] [--repeats 3] [--flow-batch 64]
+                                  [--threads 1] [--repeats 3] [--flow-batch 64]
 
 Without the cache every step recomputes the whole sequence (prefix + tokens so far), O(L^2)
 token passes for an image of N tokens; with it, one prefill and N - 1 single-token steps.
@@ -82,7 +82,8 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", action="append", default=[])
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--checkpoint", default="")
-    p.add_argument("--threads", type=int, default=2)
+    # 1 thread = one Ray training/eval worker; on a shared 2-core box 2 threads oversubscribe
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--batch", type=int, default=0, help="images per sampling batch for the "
                    "throughput numbers (default eval.batch_size)")

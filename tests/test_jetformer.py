@@ -274,6 +274,14 @@ def test_generate_text_cache_equals_full_forward(text_model):
         b = text_model.generate_text(images, max_len=6, use_cache=False, **kw)
         assert a.shape[0] == 4 and 1 <= a.shape[1] <= 6
         assert torch.equal(a, b)
+    # a right-padded prefix decodes exactly like the same prefix alone without padding
+    for row in range(4):
+        n = int((prefix[row] != 0).sum())
+        alone = text_model.generate_text(images[row:row + 1], prefix=prefix[row:row + 1, :n],
+                                         max_len=6)
+        padded = text_model.generate_text(images[row:row + 1], prefix=prefix[row:row + 1],
+                                          prefix_mask=prefix[row:row + 1] != 0, max_len=6)
+        assert torch.equal(alone, padded), row
     # greedy: each generated token is the argmax of log p(. | image, previous tokens)
     out = text_model.generate_text(images, max_len=4)
     for t in range(out.shape[1]):

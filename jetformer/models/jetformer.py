@@ -466,9 +466,13 @@ class _Stepper:
         self.cache = None
         if use_cache:
             self.cache = model.decoder.init_cache(h.shape[0], h.shape[1] + num_steps)
-            self.out = model._decode(h, valid, self.cache)[:, -1]              # prefill
+            out = model._decode(h, valid, self.cache)                         # prefill
         else:
-            self.out = model._decode(h, valid)[:, -1]
+            out = model._decode(h, valid)
+        # the prefix may end in padding (e.g. a right-padded VQA question): read the output at
+        # each row's last real token
+        last = valid.shape[1] - 1 - valid.flip(1).long().argmax(dim=1)         # [R]
+        self.out = out[torch.arange(out.shape[0], device=out.device), last]
 
     def last_output(self) -> torch.Tensor:
         """Decoder output at the last position, [R, W]: predicts the next token."""
