@@ -186,7 +186,8 @@ class EvalConfig:
     finetune_lr: float = 3e-4
     max_decode_len: int = 24
     num_nll_images: int = 300
-    class_prompt: str = "a {}"       # text asking a multimodal model for a class (sampling, zero-shot)
+    class_prompt: str = "a {}"       # text asking a multimodal model for a class sample
+    zeroshot_prompt: str = "{}"      # text scored per class for zero-shot (paper: the bare class name)
 
 
 @dataclass
@@ -615,7 +616,8 @@ def validate(cfg: Config, source: str = "<params>") -> None:
         fail("train.flow_pretrain_steps", f"must be < train.steps={t.steps}")
     if t.noise.sigma_final > t.noise.sigma0:
         fail("train.noise.sigma_final", f"must be <= train.noise.sigma0={t.noise.sigma0}")
-    if cfg.eval.class_prompt.count("{}") != 1:
-        fail("eval.class_prompt", "must contain '{}' exactly once (where the class name goes)")
+    for key in ("eval.class_prompt", "eval.zeroshot_prompt"):
+        if flat[key].count("{}") != 1:
+            fail(key, "must contain '{}' exactly once (where the class name goes)")
     if d.synthetic.min_side > d.synthetic.max_side:
         fail("data.synthetic.min_side", f"must be <= data.synthetic.max_side={d.synthetic.max_side}")

@@ -1,5 +1,5 @@
 """DVC stage `evaluate_understanding`: zero-shot classification of the val images by scoring
-the class names (`eval.class_prompt`) after the image, and the held-out NLL in bits/dim of
+the class names (`eval.zeroshot_prompt`) after the image, and the held-out NLL in bits/dim of
 val images beside the bits/dim of the same images stored as PNG."""
 import argparse
 import sys
@@ -52,7 +52,7 @@ def main() -> int:
     metrics["baseline_zeroshot_accuracy"] = majority_class_accuracy(train.labels().tolist(), labels.tolist())
     if model.conditioning == "text":
         tokenizer = TextTokenizer(tokenizer_path(mcfg, cfg.train.out_dir))
-        names = [class_prompt(c, e.class_prompt) for c in val.classes]
+        names = [class_prompt(c, e.zeroshot_prompt) for c in val.classes]
         text, mask = tokenizer.encode_batch(names, mcfg.tokenizer.max_text_len)
         pred, scores = zeroshot_classify(model, images, text, mask, batch_size=e.batch_size)
         metrics["zeroshot_accuracy"] = (pred == labels).float().mean().item()
