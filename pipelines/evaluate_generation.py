@@ -10,32 +10,11 @@ import torch
 
 from jetformer.config import ConfigError, load_config
 from jetformer.data.dataset import ArrowImageDataset
+from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
 from jetformer.eval.baselines import constant_attribute_accuracy
 from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
 from jetformer.eval.judge import load_judge
 from jetformer.eval.report import write_csv, write_json
-
-
-def t2i_asked(attributes: dict) -> dict[str, str]:
-    """What a caption asks for: every caption names the main object's colour and shape (api.md)."""
-    main = (attributes.get("objects") or [{}])[0]
-    return {k: str(main[k]) for k in ("shape", "color") if k in main}
-
-
-def class_asked(label: int, classes: list[str], heads) -> dict[str, str]:
-    """What a class sample asks for, in the judge's terms (shape names, or the label itself)."""
-    if "shape" in heads:
-        return {"shape": classes[label]}
-    return {"label": str(label)} if "label" in heads else {}
-
-
-def attribute_accuracy(pred: dict[str, list[str]], asked: list[dict]) -> tuple[float, list[float]]:
-    """Mean over samples of the fraction of asked attributes the judge sees."""
-    per = []
-    for i, a in enumerate(asked):
-        if a:
-            per.append(sum(pred[h][i] == v for h, v in a.items()) / len(a))
-    return (sum(per) / len(per) if per else float("nan")), per
 
 
 def main() -> int:
@@ -86,8 +65,7 @@ def main() -> int:
         for i, a in enumerate(asked):
             rows.append({"kind": kind, "index": i, "id": s["ids"][i], "prompt": s["prompts"][i],
                          **{f"asked_{h}": v for h, v in a.items()},
-                         **{f"judged_{h}": pred[h][i] for h in judge.vocab},
-                         "correct": (sum(pred[h][i] == v for h, v in a.items()) / len(a)) if a else None})
+                         **{f"judged_{h}": pred[h][i] for h in judge.vocab}, "correct": per[i]})
         print(f"{kind}: FID {fm['fid']:.3f} precision {fm['precision']:.3f} recall {fm['recall']:.3f} "
               f"KID {fm['kid']:.4f}; attribute accuracy {acc:.3f} "
               f"(baseline {metrics[f'baseline_{kind}_attribute_accuracy']})")

@@ -116,3 +116,37 @@ def test_baselines_hand_computed():
              {"question_type": "what shape", "answers": ["red"] * 10}]  # unseen type -> overall "red"
     assert baselines.per_type_vqa_accuracy(train_q, val_q) == pytest.approx((0.9 + 0 + 1) / 3)
     assert baselines.majority_class_accuracy([0, 1, 1], [1, 0, 1, 1]) == 0.75
+
+
+# ----------------------------------------------------------------------------- attributes / report
+def test_attribute_accuracy_hand_computed():
+    from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
+
+    scene = {"objects": [{"shape": "circle", "color": "red", "size": "large", "position": "left"},
+                         {"shape": "cross", "color": "blue", "size": "small", "position": "top left"}],
+             "count": 2, "background": "plain black"}
+    assert t2i_asked(scene) == {"shape": "circle", "color": "red"}      # the main object, not the extra
+    assert t2i_asked({}) == {}
+    assert class_asked(2, ["circle", "cross", "square"], {"shape": [], "color": []}) == {"shape": "square"}
+    assert class_asked(2, ["n01", "n02", "n03"], {"label": []}) == {"label": "2"}
+    judged = {"shape": ["circle", "square", "cross"], "color": ["red", "red", "blue"]}
+    asked = [{"shape": "circle", "color": "red"}, {"shape": "circle", "color": "red"}, {}]
+    acc, per = attribute_accuracy(judged, asked)
+    assert per == [1.0, 0.5, None]
+    assert acc == pytest.approx(0.75)
+
+
+def test_merge_results_and_csv(tmp_path):
+    from jetformer.eval.report import REQUIRED_KEYS, merge_results, read_json, write_csv, write_json
+
+    merged = merge_results({"a": {"fid": 1.5, "details": {"x": 1}}, "b": {"cider": 2.0, "fid": 1.5}})
+    assert merged["fid"] == 1.5 and merged["cider"] == 2.0 and "details" not in merged
+    assert set(REQUIRED_KEYS) <= set(merged) and merged["vqa_accuracy"] is None
+    with pytest.raises(ValueError, match="differs between stages"):
+        merge_results({"a": {"fid": 1.0}, "b": {"fid": 2.0}})
+    write_json(tmp_path / "m.json", {"x": float("nan"), "y": 1})
+    assert read_json(tmp_path / "m.json") == {"x": None, "y": 1}
+    write_csv(tmp_path / "e.csv", [], fields=["index", "cider"])
+    assert (tmp_path / "e.csv").read_text().strip() == "index,cider"
+    write_csv(tmp_path / "r.csv", [{"index": 0, "p": "a, b"}, {"index": 1, "q": None}])
+    assert (tmp_path / "r.csv").read_text().splitlines() == ["index,p,q", '0,"a, b",', "1,,"]
