@@ -31,7 +31,8 @@ def finetune(model, cfg, dataset, tokenizer, *, task: str, steps: int, lr: float
     if steps <= 0:
         return []
     make_batch = caption_batch if task == "caption" else vqa_batch
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)                                  # data (CPU)
+    step_gen = torch.Generator(device=model.device).manual_seed(seed + 1)   # dequantisation noise
     opt = build_optimizer(model, dataclasses.replace(cfg.train, lr=lr))
     max_len = cfg.tokenizer.max_text_len
     curve, t0 = [], time.time()
@@ -42,7 +43,7 @@ def finetune(model, cfg, dataset, tokenizer, *, task: str, steps: int, lr: float
         idx = torch.randint(len(dataset), (min(batch_size, len(dataset)),), generator=g).tolist()
         batch = make_batch([dataset[i] for i in idx], tokenizer, max_len, g)
         batch["image_first"] = torch.ones(len(idx), dtype=torch.bool)
-        out = model.compute_loss(batch, sigma_rgb=0.0, train=True, generator=g)
+        out = model.compute_loss(batch, sigma_rgb=0.0, train=True, generator=step_gen)
         loss = out["loss"] / cfg.train.text_loss_weight          # nats per text token
         opt.zero_grad(set_to_none=True)
         loss.backward()
