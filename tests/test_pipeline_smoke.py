@@ -1,4 +1,4 @@
-"""`make repro` in miniature: the committed repo copied to a temp dir, params.yaml +
+"""`make repro` in miniature: the committed repo (HEAD) copied to a temp dir, params.yaml +
 experiments/presets/micro.yaml, `dvc repro` with the venv's dvc. Every declared output of every
 stage in dvc.yaml must exist afterwards, and a second `dvc repro` must do nothing. Runs in
 `make test`, so a broken pipeline cannot pass the suite."""
@@ -21,13 +21,11 @@ BIN = Path(sys.executable).parent
 
 
 def _copy_committed_repo(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    for rel in filter(None, files):
-        src = REPO / rel
-        if src.is_file():                      # (a tracked file deleted in the work tree)
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
+    """HEAD's tree (not the work tree: half-made edits of a shared checkout stay out)."""
+    dst.mkdir(parents=True)
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=REPO,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dst)], input=archive, check=True)
 
 
 def _declared_outputs(dvc_yaml: dict) -> dict[str, list[str]]:
@@ -52,7 +50,7 @@ def test_micro_dvc_repro_produces_every_output_and_is_idempotent(tmp_path):
     repo = tmp_path / "repo"
     _copy_committed_repo(repo)
     assert (repo / ".dvc").is_dir() and (repo / "dvc.yaml").is_file()
-    merged = load_config_dict(REPO / "params.yaml", overlays=[REPO / "experiments/presets/micro.yaml"])
+    merged = load_config_dict(repo / "params.yaml", overlays=[repo / "experiments/presets/micro.yaml"])
     (repo / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
 
@@ -71,7 +69,7 @@ def test_micro_dvc_repro_produces_every_output_and_is_idempotent(tmp_path):
     assert not missing, f"declared outputs missing after dvc repro: {missing}"
 
     # the train stage's outputs are sane
-    micro = yaml.safe_load((REPO / "experiments/presets/micro.yaml").read_text())
+    micro = yaml.safe_load((repo / "experiments/presets/micro.yaml").read_text())
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["steps"] == micro["train"]["steps"]
     for key in ("train_bits_per_dim", "val_bits_per_dim"):
