@@ -6,11 +6,19 @@
 Without the cache every step recomputes the whole sequence (prefix + tokens so far), O(L^2)
 token passes for an image of N tokens; with it, one prefill and N - 1 single-token steps.
 Target (issue 7): the cache is >= 10x faster for a full image at the default preset. Reported
-twice: the latency of one image (batch 1: at the tiny default both paths are bound by per-op
-overhead, not FLOPs, so the gap is small) and the time per image when sampling a batch of
-`eval.batch_size` images as the pipeline does (`kv_cache_speedup`).
+twice: the latency of one image (`kv_cache_speedup_batch1`) and the time per image when sampling
+a batch of `eval.batch_size` images as the pipeline does (`kv_cache_speedup`).
+
+At batch 1 on a CPU both paths are bound by per-op overhead, not FLOPs: one cached token is
+~200 small ops (decoder step, GMM head, GIVT CFG rejection sampler) at ~1.5-3 us each plus the
+decoder's weights streamed once (3 MB at the default), while a recomputed step at these sequence
+lengths (26..89 tokens, 2 rows) costs only ~6x a cached one. Both paths also pay the same flow
+inverse (`flow_decode_one_image_s`); `kv_cache_speedup_batch1_tokens` leaves it out.
 Sampling uses the CFG batch (conditional + [NOLABEL] stream) at `eval.cfg_scale`. Weights are
 random unless --checkpoint is given (timing depends on sizes, not on what was learned).
+Times are the best of `--repeats` runs, cached and recomputed runs interleaved (a shared machine's
+load hits both alike), measured as this process's CPU time on a 1-thread CPU run (robust to
+other processes taking the core), wall time otherwise.
 Writes benchmarks/results/sampling.json (atomically).
 """
 from __future__ import annotations
@@ -39,17 +47,34 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def best_time(fn, device, repeats: int, warmup: bool = True) -> float:
+def clock_for(device, threads: int):
+    """CPU time of this process for a 1-thread CPU run (other processes on a shared machine do
+    not count), wall time otherwise (CUDA, several threads)."""
+    if device.type == "cpu" and threads == 1:
+        return time.process_time, "process_time"
+    return time.perf_counter, "perf_counter"
+
+
+def best_times(fns: dict, device, repeats: dict, clock=time.perf_counter,
+               warmup: bool = True) -> dict:
+    """Best time of each fn over its number of repeats, the fns' runs interleaved."""
     if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
+        for fn in fns.values():
+            fn()
+    best = {name: float("inf") for name in fns}
+    for i in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if i < repeats[name]:
+                _sync(device)
+                t = clock()
+                fn()
+                _sync(device)
+                best[name] = min(best[name], clock() - t)
     return best
+
+
+def best_time(fn, device, repeats: int, warmup: bool = True, clock=time.perf_counter) -> float:
+    return best_times({"fn": fn}, device, {"fn": repeats}, clock, warmup)["fn"]
 
 
 def build(args, device):
@@ -84,7 +109,7 @@ def main(argv=None) -> dict:
     p.add_argument("--checkpoint", default="")
     # 1 thread = one Ray training/eval worker; on a shared 2-core box 2 threads oversubscribe
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=0, help="images per sampling batch for the "
                    "throughput numbers (default eval.batch_size)")
     p.add_argument("--flow-batch", type=int, default=64)
@@ -96,6 +121,7 @@ def main(argv=None) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
                           if args.device == "auto" else args.device)
     model, cfg = build(args, device)
+    clock, clock_name = clock_for(device, args.threads)
     cfg_scale, temperature = cfg.eval.cfg_scale, cfg.eval.temperature
     batch = args.batch or cfg.eval.batch_size
 
@@ -109,16 +135,21 @@ def main(argv=None) -> dict:
         return run
 
     with torch.no_grad():
-        t_cache = best_time(sample(True, 1), device, args.repeats)
-        t_nocache = best_time(sample(False, 1), device, max(1, args.repeats - 1))
-        tb_cache = best_time(sample(True, batch), device, args.repeats) / batch
-        tb_nocache = best_time(sample(False, batch), device, 1, warmup=False) / batch
         R, B = cfg.data.resolution, args.flow_batch
         images = torch.randint(0, 256, (B, R, R, 3), dtype=torch.uint8, device=device)
         x = to_model_space(images)
         tokens, rest, _ = model.codec.encode(x)
-        t_encode = best_time(lambda: model.codec.encode(x), device, args.repeats)
-        t_decode = best_time(lambda: model.codec.decode(tokens, rest), device, args.repeats)
+        one = best_times({"cache": sample(True, 1), "nocache": sample(False, 1),
+                          "decode": lambda: model.codec.decode(tokens[:1],
+                                                               generator=torch.Generator(device))},
+                         device, {"cache": args.repeats, "nocache": max(1, args.repeats - 2),
+                                  "decode": args.repeats}, clock)
+        t_cache, t_nocache, t_decode1 = one["cache"], one["nocache"], one["decode"]
+        tb_cache = best_time(sample(True, batch), device, args.repeats, clock=clock) / batch
+        tb_nocache = best_time(sample(False, batch), device, 1, warmup=False, clock=clock) / batch
+        t_encode = best_time(lambda: model.codec.encode(x), device, args.repeats, clock=clock)
+        t_decode = best_time(lambda: model.codec.decode(tokens, rest), device, args.repeats,
+                             clock=clock)
 
     result = {
         "preset": args.preset or ["<params.yaml default>"],
@@ -126,6 +157,9 @@ def main(argv=None) -> dict:
         "checkpoint": args.checkpoint or None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "threads": args.threads,
+        "clock": clock_name,
+        "load_avg_1min": round(os.getloadavg()[0], 2),    # other processes on the machine
+        "repeats": args.repeats,
         "params_total": sum(q.numel() for q in model.parameters()),
         "image_tokens": cfg.num_image_tokens,
         "cfg_scale": cfg_scale,
@@ -134,6 +168,10 @@ def main(argv=None) -> dict:
         "sample_one_image_s_kv_cache": round(t_cache, 4),
         "sample_one_image_s_no_cache": round(t_nocache, 4),
         "kv_cache_speedup_batch1": round(t_nocache / t_cache, 2),
+        # the flow inverse of that one image (in both times above), and the speedup without it
+        "flow_decode_one_image_s": round(t_decode1, 4),
+        "kv_cache_speedup_batch1_tokens": round((t_nocache - t_decode1)
+                                                / max(t_cache - t_decode1, 1e-9), 2),
         # time per image when sampling `batch` images at once (the sample/eval stages)
         "batch": batch,
         "sample_per_image_s_kv_cache": round(tb_cache, 4),

@@ -238,3 +238,53 @@ def test_cfg_improper_guided_density_falls_back_to_the_conditional():
     assert guided == 0.0
     torch.testing.assert_close(x.mean(0), torch.full((2,), 0.5), rtol=0, atol=0.03)
     torch.testing.assert_close(x.std(0), torch.ones(2), rtol=0.02, atol=0)
+
+
+def test_cfg_standardised_log_ratio_and_envelope():
+    """In proposal units ε = (x − μc)/s the rejection log-ratio is α·ε² + β·ε (+ const), and
+    log_m is its maximum over the window |ε| <= radius (checked on a fine grid)."""
+    from jetformer.models.gmm import _standardised_log_ratio, cfg_log_density, normal_log_prob
+    g = torch.Generator().manual_seed(11)
+    n = 64                                    # float64 throughout: the check is on the algebra
+    mu_c, mu_u = (torch.randn(n, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    sigma_c, sigma_u = (0.2 + torch.rand(n, 1, generator=g, dtype=torch.float64) for _ in range(2))
+    s = 2 * torch.maximum(sigma_c, sigma_u)
+    eps = torch.linspace(-6, 6, 20001, dtype=torch.float64)[None]               # [1, G]
+    x = mu_c + s * eps
+    for w in (0.0, 0.7, 3.0):
+        alpha, beta, log_m = _standardised_log_ratio(mu_c, sigma_c, mu_u, sigma_u, s, w, 6.0)
+        direct = (cfg_log_density(x, mu_c, sigma_c, mu_u, sigma_u, w)
+                  - normal_log_prob(x, mu_c, s))
+        quad = alpha * eps ** 2 + beta * eps
+        diff = direct - quad                                                    # a constant per row
+        assert (diff - diff[:, :1]).abs().max() < 1e-9
+        grid_max = quad.max(1, keepdim=True).values
+        assert (log_m >= grid_max - 1e-12).all() and (log_m - grid_max).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("batch", [100_000, 16])
+def test_cfg_tries_per_dim_are_capped_exactly(batch):
+    """Acceptance probability 0.1 per try (same means, σu = 1, σc chosen so that 1 − 2α = 100):
+    with max_tries = 20 a dim is guided with probability 1 − 0.9^20, whatever the chunking
+    (a big batch runs a first chunk of 16 tries then 4; 16 dims run all 20 in one chunk)."""
+    w, max_tries = 1.0, 20
+    sigma_c = 2 / math.sqrt(52.0)             # α = (1 − 2·(2/σc)² + 4) / 2 = −49.5
+    n_calls = 1 if batch > 16 else 500
+    shape = (batch, 1)
+    cond = (torch.zeros(*shape, 1), torch.zeros(*shape, 1, 1), torch.full((*shape, 1, 1), sigma_c))
+    uncond = (torch.zeros(*shape, 1), torch.zeros(*shape, 1, 1), torch.ones(*shape, 1, 1))
+    g = torch.Generator().manual_seed(12)
+    xs, rates = [], []
+    for _ in range(n_calls):
+        x, rate = gmm_cfg_sample(cond, uncond, w, max_tries=max_tries, generator=g,
+                                 return_accept_rate=True)
+        xs.append(x.flatten())
+        rates.append(rate)
+    n = batch * n_calls
+    expected = 1 - 0.9 ** max_tries                                           # 0.878
+    assert abs(sum(rates) / n_calls - expected) < 4 * math.sqrt(expected * (1 - expected) / n)
+    # guided draws ~ N(0, 1/precision), fallbacks ~ N(0, σc²): the variance of the mixture
+    var_guided = 1 / ((1 + w) / sigma_c ** 2 - w)
+    var = expected * var_guided + (1 - expected) * sigma_c ** 2
+    x = torch.cat(xs)
+    assert x.var().item() == pytest.approx(var, rel=6 * math.sqrt(2 / n) + 0.01)

@@ -200,3 +200,24 @@ def test_kv_cache_under_bf16_autocast_keeps_dtypes_consistent():
     incremental = torch.cat(outs, 1)
     assert cache.k.dtype == torch.float32 and incremental.dtype == torch.float32
     assert (incremental - ref).abs().max() < 0.1
+
+
+def test_single_token_steps_with_padding_tokens_match_the_full_pass():
+    """One-token steps (the decoding fast path) fed a padding token: it attends to itself (its
+    own output equals the full pass with the same key mask) and no later token attends to it."""
+    dec = make_decoder(seed=4)
+    L = 7
+    h, _ = inputs(2, L, seed=6)
+    valid = torch.ones(2, L, dtype=torch.bool)
+    valid[0, 3] = valid[1, 5] = False                        # padding stepped in one at a time
+    pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    full, _ = dec(h, pos, attn_mask=valid)
+    cache = dec.init_cache(2, L)
+    outs = [dec(h[:, :2], pos[:, :2], cache, attn_mask=valid[:, :2])[0]]
+    outs += [dec(h[:, t:t + 1], pos[:, t:t + 1], cache, attn_mask=valid[:, t:t + 1])[0]
+             for t in range(2, L)]
+    assert (torch.cat(outs, 1) - full).abs().max() < 1e-5
+    for b in range(2):                                       # real tokens: as if the pad were absent
+        real = valid[b]
+        alone, _ = dec(h[b:b + 1, real], torch.arange(int(real.sum()))[None])
+        assert (full[b, real] - alone[0]).abs().max() < 1e-5

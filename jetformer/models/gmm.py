@@ -48,11 +48,9 @@ class GMMHead(nn.Module):
         """h [..., W] -> (logits [..., K], means [..., K, D], scales [..., K, D]), all fp32."""
         K, D = self.num_mixtures, self.dim
         out = self.proj(h).float()                                 # [..., K + 2KD]
-        logits = out[..., :K]                                      # [..., K]
-        loc_scale = out[..., K:].unflatten(-1, (K, 2, D))          # [..., K, 2, D]
-        means = loc_scale[..., 0, :]                               # [..., K, D]
-        scales = square_plus(loc_scale[..., 1, :]).clamp_min(MIN_SCALE)
-        return logits, means, scales
+        logits, loc_scale = out.split([K, 2 * K * D], dim=-1)      # [..., K], [..., 2KD]
+        means, raw_scales = loc_scale.unflatten(-1, (K, 2, D)).unbind(-2)   # [..., K, D] x2
+        return logits, means, square_plus(raw_scales).clamp_min(MIN_SCALE)
 
 
 def _check_shapes(logits, means, scales):
@@ -115,20 +113,29 @@ def cfg_log_density(x, mu_c, sigma_c, mu_u, sigma_u, guidance: float) -> torch.T
             - guidance * normal_log_prob(x, mu_u, sigma_u))
 
 
-def _log_envelope(mu_c, sigma_c, mu_u, sigma_u, prop_scale, guidance, radius):
-    """max over |x − μc| ≤ radius·s of log[p̃(x) / q(x)], q = N(μc, s). The log-ratio is a quadratic
-    a·x² + b·x + c in x, so its maximum on the interval is at an end or at the vertex."""
-    w = guidance
-    a = -(1 + w) / (2 * sigma_c ** 2) + w / (2 * sigma_u ** 2) + 1 / (2 * prop_scale ** 2)
-    b = (1 + w) * mu_c / sigma_c ** 2 - w * mu_u / sigma_u ** 2 - mu_c / prop_scale ** 2
-    lo, hi = mu_c - radius * prop_scale, mu_c + radius * prop_scale
-    vertex = torch.where(a < 0, -b / (2 * a).clamp_max(-1e-30), mu_c)
-    vertex = torch.minimum(torch.maximum(vertex, lo), hi)
+def _standardised_log_ratio(mu_c, sigma_c, mu_u, sigma_u, prop_scale, guidance, radius):
+    """The rejection log-ratio in proposal units ε = (x − μc) / s, for q = N(μc, s):
 
-    def log_ratio(x):
-        return (cfg_log_density(x, mu_c, sigma_c, mu_u, sigma_u, w)
-                - normal_log_prob(x, mu_c, prop_scale))
-    return torch.maximum(torch.maximum(log_ratio(lo), log_ratio(hi)), log_ratio(vertex))
+        log[p̃(x) / q(x)] = α·ε² + β·ε + const,  α = (1 − (1+w)·(s/σc)² + w·(s/σu)²) / 2,
+                                                 β = w·(s/σu)·(μc − μu)/σu.
+    Returns (α, β, log_m) with log_m = max of α·ε² + β·ε over |ε| ≤ radius (the envelope
+    M = max p̃/q over |x − μc| ≤ radius·s, up to the same constant): the clamped vertex when
+    α < 0 (concave), else the end on β's side. So log(p̃ / (M·q)) = α·ε² + β·ε − log_m.
+    The guided target is a proper density iff its precision (1+w)/σc² − w/σu² = (1 − 2α)/s² > 0."""
+    w = guidance
+    r_c, r_u = prop_scale / sigma_c, prop_scale / sigma_u
+    alpha = torch.addcmul((r_c * r_c).mul_(-0.5 * (1 + w)).add_(0.5), r_u, r_u, value=0.5 * w)
+    beta = (mu_c - mu_u).mul_(r_u).div_(sigma_u).mul_(w)
+    # the larger end of the window, and the (clamped) vertex: the max where α < 0, never above
+    # the ends where α > 0 (fmax: a NaN vertex at α = β = 0 loses)
+    ends = torch.add(alpha, beta.abs(), alpha=1 / radius).mul_(radius ** 2)
+    vertex = (beta / alpha).mul_(-0.5).clamp_(-radius, radius)
+    return alpha, beta, torch.fmax(ends, torch.addcmul(beta, alpha, vertex).mul_(vertex))
+
+
+# First chunk of tries: about this many proposals in all (at least 16 per scalar), so a small
+# batch (one image: 16 dims) almost always finishes in one vectorised round.
+FIRST_CHUNK_PROPOSALS = 1024
 
 
 def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
@@ -140,13 +147,16 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
     unconditional predictions. Temperature scales both mixtures' stds first. Then per position a
     component k is drawn from the conditional weights, and per dim the target
         p̃(x) ∝ N(x; μc_k, σc_k)^(1+w) / N(x; μu_k, σu_k)^w
-    is sampled by rejection from the proposal q = N(μc_k, 2·max(σc_k, σu_k)) with the envelope
-    M = max p̃/q taken over |x − μc| ≤ radius·s (exact there: the log-ratio is quadratic). Up to
-    `max_tries` proposals per dim (in growing chunks, only for dims not yet accepted); dims where
-    none was accepted fall back to N(μc_k, σc_k). So do dims whose guided density cannot be
-    normalised (precision (1+w)/σc² − w/σu² ≤ 0: it grows in the tails, and any "accepted" draw
-    would sit at the edge of the window). Returns x [..., D] (and the fraction of dims drawn from
-    the guided density, if asked). guidance = 0 reproduces the conditional mixture (in distribution).
+    is sampled by rejection from the proposal q = N(μc_k, s), s = 2·max(σc_k, σu_k), with the
+    envelope M = max p̃/q taken over |x − μc| ≤ radius·s (exact there: the log-ratio is quadratic).
+    Up to `max_tries` proposals per dim: a first vectorised chunk of
+    max(16, FIRST_CHUNK_PROPOSALS / #dims) tries for every dim, then doubling chunks for the
+    dims still pending; each dim keeps its first accepted try (the same distribution as one try
+    at a time). Dims where none was accepted fall back to N(μc_k, σc_k). So do dims whose guided
+    density cannot be normalised (precision (1+w)/σc² − w/σu² ≤ 0: it grows in the tails, and any
+    "accepted" draw would sit at the edge of the window). Returns x [..., D] (and the fraction of
+    dims drawn from the guided density, if asked). guidance = 0 reproduces the conditional
+    mixture (in distribution).
     """
     logits_c, means_c, scales_c = (t.float() for t in cond)
     logits_u, means_u, scales_u = (t.float() for t in uncond)
@@ -163,35 +173,49 @@ def gmm_cfg_sample(cond, uncond, guidance: float, temperature: float = 1.0,
         raise ValueError(f"max_tries must be >= 1, got {max_tries}")
 
     k = sample_component(logits_c, generator)                                # [...]
-    mu_c = select_component(means_c, k)                                      # [..., D]
-    sigma_c = temperature * select_component(scales_c, k)
-    mu_u = select_component(means_u, k)                                      # same component k
-    sigma_u = temperature * select_component(scales_u, k)
-    prop_scale = 2 * torch.maximum(sigma_c, sigma_u)                         # [..., D]
-    log_m = _log_envelope(mu_c, sigma_c, mu_u, sigma_u, prop_scale, guidance, radius)
+    # both streams' parameters of the SAME component k, in one gather: [4, ..., D]
+    params = select_component(torch.stack([means_c, means_u, scales_c, scales_u]),
+                              k.expand(4, *k.shape)).view(4, -1, 1)          # [4, M, 1]
+    params.narrow(0, 2, 2).mul_(temperature)
+    mu_c, mu_u, sigma_c, sigma_u = params.unbind(0)                          # [M, 1] each
+    prop_scale = torch.maximum(sigma_c, sigma_u).mul_(2)
+    alpha, beta, log_m = _standardised_log_ratio(mu_c, sigma_c, mu_u, sigma_u, prop_scale,
+                                                 guidance, radius)
+    improper = alpha >= 0.5
+    log_m.masked_fill_(improper, float("inf"))                               # never accept
 
-    fallback = mu_c + sigma_c * _randn(mu_c.shape, mu_c, generator)          # N(μc, σc)
-    # Rejection sampling on the flat list of still-pending scalars, with growing chunks of tries.
-    params = [t.reshape(-1) for t in (mu_c, sigma_c, mu_u, sigma_u, prop_scale, log_m)]
-    sample = fallback.reshape(-1).clone()                                    # [M]
-    precision = (1 + guidance) / sigma_c ** 2 - guidance / sigma_u ** 2      # of the guided target
-    pending = torch.nonzero(precision.reshape(-1) > 0).squeeze(-1)           # [P] proper targets
-    tries, n, num_guided = 0, min(16, max_tries), 0
-    while tries < max_tries and pending.numel() > 0:
-        mc, sc, mu, su, ps, lm = (t[pending] for t in params)                # [P]
-        xs = mc + ps * _randn((n, pending.numel()), mc, generator)           # [n, P]
-        log_accept = (cfg_log_density(xs, mc, sc, mu, su, guidance)
-                      - normal_log_prob(xs, mc, ps) - lm)
-        accept = torch.log(_rand(xs.shape, xs, generator)) < log_accept      # [n, P]
-        found = accept.any(0)                                                # [P]
-        first = torch.argmax(accept.to(torch.uint8), dim=0)                  # first accepted try
-        pick = torch.gather(xs, 0, first[None]).squeeze(0)                   # [P]
-        sample[pending[found]] = pick[found]
-        pending = pending[~found]
-        num_guided += int(found.sum())
+    # Rejection sampling on the M scalars: chunks of tries [P, n] for the P still pending; try j
+    # of a scalar is accepted when log u_j < α·ε_j² + β·ε_j − log_m.
+    M = mu_c.shape[0]
+    eps, guided, pending = None, None, None                                  # None = all M
+    tries, n = 0, min(max_tries, max(16, FIRST_CHUNK_PROPOSALS // max(M, 1)))
+    while n > 0:
+        a, b, lm = ((alpha, beta, log_m) if pending is None
+                    else (alpha[pending], beta[pending], log_m[pending]))    # [P, 1]
+        e = _randn((a.shape[0], n), a, generator)                            # [P, n] proposals
+        accept = torch.log(_rand(e.shape, e, generator)).add_(lm) < torch.addcmul(b, a, e).mul_(e)
+        first = accept.to(torch.uint8).argmax(1, keepdim=True)               # first accepted try
+        found = torch.gather(accept, 1, first)                               # [P, 1] any accepted
+        pick = torch.gather(e, 1, first)                                     # [P, 1]
         tries += n
         n = min(2 * n, max_tries - tries)
-    sample = sample.view(mu_c.shape)                                         # [..., D]
+        if pending is None:  # the first round covers every scalar
+            eps, guided = pick, found
+            if bool(found.all()):
+                break
+            pending = torch.nonzero(~(found | improper)[:, 0]).squeeze(1)
+        else:
+            found = found[:, 0]
+            idx = pending[found]
+            eps[idx], guided[idx] = pick[found], True
+            pending = pending[~found]
+        if pending.numel() == 0:
+            break
+    sample = torch.addcmul(mu_c, prop_scale, eps)                            # x = μc + s·ε
+    if pending is not None:  # fallback N(μc, σc) for improper or never-accepted dims
+        fallback = torch.addcmul(mu_c, sigma_c, _randn(mu_c.shape, mu_c, generator))
+        sample = torch.where(guided, sample, fallback)
+    sample = sample.view(means_c.shape[:-2] + means_c.shape[-1:])            # [..., D]
     if return_accept_rate:
-        return sample, num_guided / max(sample.numel(), 1)
+        return sample, int(guided.sum()) / max(M, 1)
     return sample

@@ -38,7 +38,11 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 @contextmanager
 def eval_mode(module: nn.Module):
-    """Temporarily switch off dropout (restores the previous mode afterwards)."""
+    """Temporarily switch off dropout (restores the previous mode afterwards). A no-op when no
+    submodule is training (eval()/train() walk every submodule: ms for the flow's hundreds)."""
+    if not any(m.training for m in module.modules()):
+        yield
+        return
     was_training = module.training
     module.eval()
     try:
@@ -426,6 +430,8 @@ class JetFormer(nn.Module):
         stream is computed but does not touch the conditional rows or the random stream."""
         h, valid = cond
         B = h.shape[0]
+        if cfg_scale > 0 and uncond is None:
+            raise ValueError("_sample_tokens: cfg_scale > 0 needs the unconditional prefix")
         if uncond is not None:
             hu, vu = uncond
             pad = h.shape[1] - hu.shape[1]           # left-pad the shorter prefix (masked out)
@@ -440,16 +446,16 @@ class JetFormer(nn.Module):
         stepper = _Stepper(self, h, valid, N - 1, use_cache)
         tokens = []
         for i in range(N):
-            logits, means, scales = self.gmm_head(stepper.last_output())      # [R,K], [R,K,d] x2
-            if cfg_scale > 0:
-                x = gmm_cfg_sample((logits[:B], means[:B], scales[:B]),
-                                   (logits[B:], means[B:], scales[B:]),
-                                   cfg_scale, temperature, generator)
+            gmm = self.gmm_head(stepper.last_output())                         # [R,K], [R,K,d] x2
+            if cfg_scale > 0:  # conditional rows, then [NOLABEL] rows
+                cond_gmm, uncond_gmm = zip(*(t.split(B) for t in gmm))
+                x = gmm_cfg_sample(cond_gmm, uncond_gmm, cfg_scale, temperature, generator)
             else:
-                x = gmm_sample(logits[:B], means[:B], scales[:B], temperature, generator)
+                x = gmm_sample(*(t[:B] for t in gmm), temperature, generator)
             tokens.append(x)                                                   # [B, d]
             if i < N - 1:  # both streams are fed the same token
-                stepper.append(self.image_embed(x.to(h.dtype)).repeat(h.shape[0] // B, 1))
+                emb = self.image_embed(x.to(h.dtype))                          # [B, W]
+                stepper.append(emb if uncond is None else torch.cat([emb, emb]))
         return torch.stack(tokens, dim=1).to(self.image_embed.weight.dtype)    # [B, N, d]
 
 
@@ -481,12 +487,10 @@ class _Stepper:
     def append(self, emb: torch.Tensor) -> None:
         """Feed the embedding [R, W] of the next token (always a real token)."""
         emb = emb[:, None]                                                     # [R, 1, W]
-        ones = torch.ones(emb.shape[0], 1, dtype=torch.bool, device=emb.device)
-        if self.use_cache:
-            out = self.model.decoder(emb, self.next_pos[:, None], cache=self.cache,
-                                     attn_mask=ones)[0]
-            self.out = out[:, -1]
+        if self.use_cache:  # default attn_mask: the token is real
+            self.out = self.model.decoder(emb, self.next_pos[:, None], cache=self.cache)[0][:, -1]
         else:
+            ones = torch.ones(emb.shape[0], 1, dtype=torch.bool, device=emb.device)
             self.h = torch.cat([self.h, emb], dim=1)
             self.valid = torch.cat([self.valid, ones], dim=1)
             self.out = self.model._decode(self.h, self.valid)[:, -1]

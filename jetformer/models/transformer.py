@@ -40,9 +40,12 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * (1 + self.scale.float())).to(x.dtype)
+        return _rms_norm(x, 1 + self.scale.float(), self.eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm.forward with its weight 1 + scale given (fp32 maths, result in x's dtype)."""
+    return F.rms_norm(x.float(), (x.shape[-1],), weight, eps).to(x.dtype)
 
 
 def rope_sin_cos(positions: torch.Tensor, head_dim: int, base: float):
@@ -59,24 +62,57 @@ def apply_rope(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.T
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
+def rope_tables(positions: torch.Tensor, inv_freq: torch.Tensor):
+    """The same rotation as `rope_sin_cos` + `apply_rope`, laid out for `rotate` (computed once per
+    forward, shared by q, k and all layers): positions [...], inv_freq [hd] (= base^(-2i/hd) for
+    both halves) -> (cos, signed_sin) [..., hd] fp32 with signed_sin = (-sin, sin)."""
+    angles = positions.float()[..., None] * inv_freq                        # [..., hd]
+    signed_sin = angles.sin()
+    signed_sin[..., :inv_freq.shape[0] // 2].neg_()
+    return angles.cos(), signed_sin
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x.to(dtype) without the dispatch when it already has it (per-op overhead, decoding)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x·cos + swap_halves(x)·(-sin, sin) = [x1·cos - x2·sin, x2·cos + x1·sin], bit for bit the
+    result of `apply_rope` with 4 ops instead of 8. x [..., hd], tables broadcastable to it."""
+    xf = _cast(x, torch.float32)
+    return _cast(xf * cos + xf.roll(x.shape[-1] // 2, -1) * signed_sin, x.dtype)
+
+
 @dataclass
 class KVCache:
     """Preallocated keys/values of every layer (one shared head: MQA) plus which slots hold real tokens.
 
-    k, v: [depth, B, max_len, head_dim]; valid: bool [B, max_len]; length: slots filled so far.
+    kv: [depth, B, max_len, 2, head_dim] (key, value of a slot side by side: the one-token step
+    writes both with one copy); k, v: its [depth, B, max_len, head_dim] views; valid: bool
+    [B, max_len]; length: slots filled so far; step_weights: weights derived for the one-token step
+    (set on first use: a cache only holds for the weights that filled it).
     """
-    k: torch.Tensor
-    v: torch.Tensor
+    kv: torch.Tensor
     valid: torch.Tensor
     length: int = 0
+    step_weights: tuple | None = None
+
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[..., 0, :]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[..., 1, :]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.kv.shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.kv.shape[1]
 
 
 class MultiQueryAttention(nn.Module):
@@ -89,14 +125,14 @@ class MultiQueryAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, width, bias=False)
 
     def forward(self, x, rope, mask, layer_cache=None, start=0):
-        """x [B, L, W]; rope = (sin, cos) of the positions; mask bool [B, 1, L, S] (True = may
+        """x [B, L, W]; rope = `rope_tables` of the positions; mask bool [B, 1, L, S] (True = may
         attend); layer_cache = (k, v) views [B, max_len, hd], written at slots [start, start + L).
         Returns [B, L, W]."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, L, hd]
         k = self.k_proj(x).unsqueeze(1)                                               # [B, 1, L, hd]
         v = self.v_proj(x).unsqueeze(1)                                               # [B, 1, L, hd]
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = rotate(q, *rope), rotate(k, *rope)
         if layer_cache is not None:
             k_cache, v_cache = layer_cache
             k_cache[:, start:start + L] = k[:, 0]
@@ -146,20 +182,30 @@ class Decoder(nn.Module):
             raise ValueError(f"Decoder sizes must be positive: width={width}, depth={depth}, "
                              f"num_heads={num_heads}, head_dim={head_dim}, mlp_dim={mlp_dim}")
         self.width, self.depth, self.head_dim, self.rope_base = width, depth, head_dim, rope_base
+        self.num_heads = num_heads
         self.blocks = nn.ModuleList(Block(width, num_heads, head_dim, mlp_dim, dropout)
                                     for _ in range(depth))
         self.final_norm = RMSNorm(width)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 init_linear(m)
+        self._inv_freq = {}                     # device -> RoPE frequencies [hd] (not state)
+
+    def inv_freq(self, device) -> torch.Tensor:
+        """RoPE frequencies base^(-2i/hd) for both halves, [hd] fp32 (cached per device)."""
+        device = torch.device(device)
+        if device not in self._inv_freq:
+            half = torch.arange(self.head_dim // 2, device=device, dtype=torch.float32)
+            inv = self.rope_base ** -(half * (2.0 / self.head_dim))   # as in rope_sin_cos
+            self._inv_freq[device] = torch.cat([inv, inv])
+        return self._inv_freq[device]
 
     def init_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
         """An empty cache for `max_len` tokens (prefix + everything to be generated)."""
         p = self.final_norm.scale
         dtype = dtype or p.dtype
-        shape = (self.depth, batch_size, max_len, self.head_dim)
-        return KVCache(k=torch.zeros(shape, dtype=dtype, device=p.device),
-                       v=torch.zeros(shape, dtype=dtype, device=p.device),
+        shape = (self.depth, batch_size, max_len, 2, self.head_dim)
+        return KVCache(kv=torch.zeros(shape, dtype=dtype, device=p.device),
                        valid=torch.zeros(batch_size, max_len, dtype=torch.bool, device=p.device))
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
@@ -187,6 +233,9 @@ class Decoder(nn.Module):
                 raise ValueError(f"KV cache overflow: {start} + {L} tokens > max_len {cache.max_len}")
             cache.valid[:, start:start + L] = valid
             key_valid = cache.valid[:, :start + L]                                  # [B, S]
+            if L == 1 and not self.training:
+                out = self._step(h.reshape(B, -1), positions, key_valid, cache, attn_mask is None)
+                return out.view(B, 1, -1), cache
         else:
             key_valid = valid
         S = start + L
@@ -196,11 +245,87 @@ class Decoder(nn.Module):
         mask = causal & (key_valid[:, None, :] | (key_slot == query_slot))         # [B, L, S]
         mask = mask[:, None]                                                        # [B, 1, L, S]
 
-        rope = rope_sin_cos(positions, self.head_dim, self.rope_base)             # shared by all layers
+        rope = rope_tables(positions[:, None], self.inv_freq(h.device))           # [B, 1, L, hd] x2
         x = h
+        k_cache, v_cache = (None, None) if cache is None else (cache.k, cache.v)
         for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            layer_cache = None if cache is None else (k_cache[i], v_cache[i])
             x = block(x, rope, mask, layer_cache, start)
         if cache is not None:
             cache.length = S
         return self.final_norm(x), cache
+
+    def _step_weights(self):
+        """Per-layer weights of the one-token step, derived once per cache: the fused projections
+        [q; k; v] and [gate; up] (one matmul each instead of three and two), with the preceding
+        RMSNorm's weight folded into their input columns:
+            RMSNorm(x) @ Wᵀ = rsqrt(Σx² + W·eps) · (x @ (W · √W·(1 + scale))ᵀ),
+        and the transposed output projections for addmm (residual add in the same op). Each eps
+        is kept as the tensor √(W·eps): sqrt(Σx² + W·eps) = hypot(‖x‖, √(W·eps)), two ops."""
+        def root_eps(norm):
+            return torch.tensor((norm.eps * self.width) ** 0.5, device=norm.scale.device)
+
+        def fold(norm, weight):
+            return root_eps(norm), weight * ((1 + norm.scale) * self.width ** 0.5)
+
+        layers = []
+        for blk in self.blocks:
+            at, mlp = blk.attn, blk.mlp
+            layers.append((*fold(blk.pre_attention_norm, torch.cat(
+                               [at.q_proj.weight, at.k_proj.weight, at.v_proj.weight])),
+                           at.o_proj.weight.t(),
+                           *fold(blk.pre_ffw_norm, torch.cat([mlp.gate.weight, mlp.up.weight])),
+                           mlp.down.weight.t()))
+        final = self.final_norm
+        # RoPE frequencies of the [q_1..q_H, k, v] rows of one step: zero for v (identity)
+        inv_freq = self.inv_freq(final.scale.device)
+        inv_freq = torch.cat([inv_freq.expand(self.num_heads + 1, -1),
+                              torch.zeros_like(inv_freq)[None]])                   # [H+2, hd]
+        sign = torch.ones_like(inv_freq)
+        sign[:, :self.head_dim // 2] = -1                                           # (-sin, sin)
+        return (layers, root_eps(final), (1 + final.scale) * self.width ** 0.5, inv_freq, sign)
+
+    @staticmethod
+    def _rms_denominator(x, root_eps):
+        """sqrt(Σx² + W·eps) over the last dim in fp32, [B, 1] (= √W / RMSNorm's factor)."""
+        return torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32),
+                           root_eps)
+
+    def _step(self, h, positions, key_valid, cache, token_is_real):
+        """Decoding step of one token per row in eval mode (dropout off): h [B, W], positions
+        [B, 1], key_valid [B, S] (the new token's slot last) -> [B, W]. The maths of the general
+        path with L = 1, written for per-op overhead (it dominates at small sizes): folded
+        RMSNorm weights (`_step_weights`), the token attends to the real cached tokens and to
+        itself through an additive key bias (no [L, S] mask), one rotation of the [q; k; v] rows
+        (v by angle 0), one cache write for k and v, and with one query position the H heads are
+        the rows of one [H, hd] x [hd, S] product per example (MQA: one shared key head), so two
+        small bmm replace SDPA."""
+        if cache.step_weights is None:  # + per-layer views of the cache, [B, max_len, 2, hd]
+            cache.step_weights = (*self._step_weights(), [cache.kv[i] for i in range(self.depth)])
+        layers, final_eps, final_weight, inv_freq, sign, layer_kv = cache.step_weights
+        B, H, hd = h.shape[0], self.num_heads, self.head_dim
+        slot = cache.length
+        bias = torch.where(key_valid, 0.0, float("-inf"))[:, None]                 # [B, 1, S]
+        if not token_is_real:
+            bias[:, :, slot] = 0.0                           # every token may attend to itself
+        bias = _cast(bias, layers[0][1].dtype)
+        angles = positions.float()[:, :, None] * inv_freq                          # [B, H+2, hd]
+        cos, signed_sin = angles.cos(), angles.sin().mul_(sign)
+        x = h
+        for i, (eps1, w_qkv, w_o_t, eps2, w_gate_up, w_down_t) in enumerate(layers):
+            qkv = F.linear(x, w_qkv).div_(self._rms_denominator(x, eps1)).view(B, H + 2, hd)
+            qf = _cast(qkv, torch.float32)                   # `rotate`, with one fused mul-add
+            qkv = _cast(torch.addcmul(qf * cos, qf.roll(hd // 2, -1), signed_sin), qkv.dtype)
+            layer_kv[i].select(1, slot).copy_(qkv.narrow(1, H, 2))
+            keys, values = _cast(layer_kv[i].narrow(1, 0, slot + 1), qkv.dtype).unbind(2)
+            logits = torch.baddbmm(bias, qkv.narrow(1, 0, H), keys.transpose(1, 2),
+                                   alpha=hd ** -0.5)                                # [B, H, S]
+            out = torch.bmm(logits.softmax(-1), values).view(B, H * hd)
+            # residual add inside the matmul (addmm) unless autocast gives out another dtype
+            x = torch.addmm(x, out, w_o_t) if x.dtype == out.dtype else x + out @ w_o_t
+            gate, up = F.linear(x, w_gate_up).div_(self._rms_denominator(x, eps2)).chunk(2, dim=-1)
+            hidden = F.gelu(gate, approximate="tanh") * up
+            x = torch.addmm(x, hidden, w_down_t) if x.dtype == hidden.dtype else x + hidden @ w_down_t
+        cache.length = slot + 1
+        x_normed = _cast(x, torch.float32) / self._rms_denominator(x, final_eps)
+        return _cast(x_normed.mul_(final_weight), x.dtype)
