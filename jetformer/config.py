@@ -182,7 +182,7 @@ class EvalConfig:
     judge_min_accuracy: float = 0.95
     feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
     inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download
-    finetune_steps: int = 300        # captioning / VQA fine-tuning
+    finetune_steps: int = 200        # captioning / VQA fine-tuning
     finetune_lr: float = 3e-4
     max_decode_len: int = 24
     num_nll_images: int = 300

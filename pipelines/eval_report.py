@@ -44,7 +44,7 @@ def main() -> int:
     merged["beats_baselines"] = beats
     write_json(args.out, merged)
     numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    artifacts = [(str(Path(args.plots) / a), "eval") for a in ARTIFACTS] + \
+    artifacts = [(str(Path(args.plots) / a), "eval/samples" if a == "samples" else "eval") for a in ARTIFACTS] + \
                 [(str(Path(args.metrics_dir) / f"{p}.json"), "eval/metrics") for p in PARTS] + [(args.out, "eval")]
     try:
         run_id = log_to_training_run(cfg, numeric, artifacts)
