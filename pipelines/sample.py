@@ -36,6 +36,10 @@ def main() -> int:
         return 1
     e = cfg.eval
     n = min(e.num_samples, len(val))
+    if n < 2:
+        print(f"sample failed: eval.num_samples={e.num_samples} with {len(val)} val images gives {n} "
+              "samples; FID/precision/recall need at least 2", file=sys.stderr)
+        return 1
     g = torch.Generator().manual_seed(cfg.seed)
     items = [val[i] for i in range(n)]
     common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
