@@ -92,14 +92,13 @@ def check_inputs(cfg: Config) -> None:
 
 def ensure_pca(cfg: Config) -> None:
     """Fit the PCA the pca rows need with the fit_pca stage's functions, once per patch size."""
-    from jetformer.data.dataset import ArrowImageDataset
-    from jetformer.data.pca import fit_pca, save_pca
+    from jetformer.data.pca import save_pca
+    from jetformer.data.stages import fit_train_pca
     out = Path(cfg.pca.out_path)
     if out.is_file():
         return
-    ds = ArrowImageDataset(cfg.data.prepared_dir, "train")
-    n = min(cfg.pca.num_images, len(ds))
-    save_pca(fit_pca(ds.images(range(n)).numpy(), cfg.model.patch_size), out)
+    pca, n = fit_train_pca(cfg)
+    save_pca(pca, out)
     print(f"ablate: fitted PCA on {n} training images -> {out}", flush=True)
 
 
@@ -112,9 +111,10 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     shape and colour; class: shape) that the judge sees in the sample."""
     import torch
     from jetformer.data.dataset import ArrowImageDataset
+    from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
     from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
     from jetformer.eval.judge import load_judge
-    from jetformer.eval.sampling import sample_from_labels, sample_from_text
+    from jetformer.eval.sampling import caption_prompts, sample_from_labels, sample_from_text
     from jetformer.train.checkpoint import load_trained
     from jetformer.tune import judge_path
 
@@ -126,15 +126,10 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
     if mcfg.model.conditioning == "class":
         fake = sample_from_labels(model, [int(it["label"]) for it in items], **common)
-        asked = [{"shape": val.classes[int(it["label"])], "label": str(int(it["label"]))} for it in items]
     else:
         from jetformer.data.tokenizer import TextTokenizer
-        g = torch.Generator().manual_seed(cfg.seed)
-        prompts = [it["captions"][int(torch.randint(len(it["captions"]), (), generator=g))] for it in items]
-        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path), prompts,
+        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path), caption_prompts(items, cfg.seed),
                                 max_text_len=mcfg.tokenizer.max_text_len, **common)
-        asked = [{k: str(main[k]) for k in ("shape", "color") if k in main}
-                 for main in ((it["attributes"] or {}).get("objects", [{}])[0] for it in items)]
     extractor = resolve_extractor(e.feature_extractor, cfg.data.source)
     jp = judge_path(cfg) if extractor == "domain" else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,12 +141,12 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     if jp is not None:
         pred = load_judge(jp).predict(fake)
         if mcfg.model.conditioning == "class":   # in the judge's terms: the shape, else the label
-            head = "shape" if "shape" in pred else "label"
-            asked = [{head: a[head]} for a in asked]
-        per = [sum(pred[h][i] == v for h, v in a.items()) / len(a)
-               for i, a in enumerate(asked) if a and all(h in pred for h in a)]
-        if per:
-            out["attribute_accuracy"] = sum(per) / len(per)
+            asked = [class_asked(int(it["label"]), val.classes, pred) for it in items]
+        else:
+            asked = [t2i_asked(it["attributes"]) for it in items]
+        # only what the judge can see (a source without scene attributes has no shape/colour heads)
+        acc, _ = attribute_accuracy(pred, [a if all(h in pred for h in a) else {} for a in asked])
+        out["attribute_accuracy"] = acc
     out["num_samples"] = n
     return out
 

@@ -102,6 +102,14 @@ class ArrowImageDataset(torch.utils.data.Dataset):
         idx = range(len(self)) if indices is None else indices
         return torch.from_numpy(np.stack([self.image_array(i) for i in idx]))
 
+    def column(self, name: str) -> list:
+        """Python values of column `name` (e.g. "captions", "qa") of this worker's items, in order."""
+        known = self._table(0).column_names if self.paths else []
+        if name not in known:
+            raise ValueError(f"{self.prepared_dir / self.split}: no column {name!r} (columns: {known})")
+        values = [v for shard in range(len(self.paths)) for v in self._table(shard).column(name).to_pylist()]
+        return values if len(self) == self.num_total else [values[int(g)] for g in self.indices]
+
     def labels(self) -> torch.Tensor:
         """long [N] labels of this worker's items."""
         out = []

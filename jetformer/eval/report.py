@@ -81,6 +81,27 @@ def merge_results(parts: dict[str, dict]) -> dict:
     return out
 
 
+# the quality bar: the model must beat the trivial baselines ({metric: (baseline, direction)})
+BASELINE_CHECKS = {
+    "t2i_attribute_accuracy": ("baseline_t2i_attribute_accuracy", ">"),
+    "class_attribute_accuracy": ("baseline_class_attribute_accuracy", ">"),
+    "cider": ("baseline_cider", ">"),
+    "vqa_accuracy": ("baseline_vqa_accuracy", ">"),
+    "zeroshot_accuracy": ("baseline_zeroshot_accuracy", ">"),
+    "val_bits_per_dim": ("png_bits_per_dim", "<"),
+}
+
+
+def beats_baselines(merged: dict) -> dict[str, bool]:
+    """{metric: whether the model beats its trivial baseline} for the metrics both are known for."""
+    beats = {}
+    for k, (b, op) in BASELINE_CHECKS.items():
+        v, ref = merged.get(k), merged.get(b)
+        if v is not None and ref is not None:
+            beats[k] = bool(v > ref) if op == ">" else bool(v < ref)
+    return beats
+
+
 def training_run(cfg) -> dict | None:
     """The MLflow run file written next to the exported checkpoint, or None."""
     from jetformer.train.tracking import RUN_FILE

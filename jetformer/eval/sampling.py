@@ -19,6 +19,12 @@ def class_prompt(name: str, template: str) -> str:
     return template.format(name.replace("_", " "))
 
 
+def caption_prompts(items: list[dict], seed: int) -> list[str]:
+    """One text-to-image prompt per dataset item: one of its captions, picked with `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    return [it["captions"][int(torch.randint(len(it["captions"]), (), generator=g))] for it in items]
+
+
 @torch.no_grad()
 def sample_from_text(model, tokenizer, prompts: list[str], *, max_text_len: int, cfg_scale: float,
                      temperature: float, batch_size: int, seed: int = 0, log=None) -> torch.Tensor:

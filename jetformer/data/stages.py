@@ -1,0 +1,88 @@
+"""The data DVC stages, one function each (`pipelines/{prepare,tokenizer,fit_pca}.py` only wire
+them to the command line through `jetformer.stage.run_stage`)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from jetformer.config import Config
+
+
+def run_prepare(cfg: Config, metrics: str | Path = "metrics/prepare.json") -> dict:
+    """(Generate the shapes world, then) read the configured source, write `data.prepared_dir`
+    and the prepare metrics; returns the metrics."""
+    from jetformer.data.prepare import prepare, prepare_metrics
+
+    report = prepare(cfg, on_shard_done=lambda o: print(
+        f"  shard {o['file']}: {o['written']} images, {len(o['skipped'])} skipped", flush=True))
+    out_metrics = prepare_metrics(report)
+    out = Path(metrics)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(out_metrics, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    for split, s in report["splits"].items():
+        print(f"{split}: {s['written']} written, {s['skipped']} skipped, {s['converted']} converted")
+        for x in s["skipped_files"]:
+            print(f"  skipped {x['file']}: {x['reason']}")
+    print(f"{out_metrics['images_per_s']:.0f} images/s; {cfg.data.prepared_dir} ready")
+    return out_metrics
+
+
+def run_tokenizer(cfg: Config) -> Path:
+    """Train SentencePiece on the prepared training texts, or install `tokenizer.model_path`;
+    returns `tokenizer.out_path`."""
+    from jetformer.data.tokenizer import TextTokenizer, train_tokenizer, training_texts
+
+    t = cfg.tokenizer
+    out = Path(t.out_path)
+    if t.model_path:
+        tok = TextTokenizer(t.model_path)          # checks the special ids
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.copyfile(t.model_path, tmp)
+        os.replace(tmp, out)
+        print(f"tokenizer: using {t.model_path} (vocab {tok.vocab_size}) -> {out}")
+    else:
+        texts = training_texts(cfg.data.prepared_dir)
+        tok = train_tokenizer(texts, out, t.vocab_size)
+        print(f"tokenizer: trained on {len(texts)} texts, vocab {tok.vocab_size} -> {out}")
+    return out
+
+
+def fit_train_pca(cfg: Config) -> tuple[dict, int]:
+    """(PCA of patches of the first `pca.num_images` training images, number of images used)."""
+    from jetformer.data.dataset import ArrowImageDataset
+    from jetformer.data.pca import fit_pca
+
+    ds = ArrowImageDataset(cfg.data.prepared_dir, "train")
+    n = min(cfg.pca.num_images, len(ds))
+    images = ds.images(range(n)).numpy()                          # [N, H, W, 3] uint8
+    return fit_pca(images, cfg.model.patch_size), n
+
+
+def run_fit_pca(cfg: Config) -> Path | None:
+    """When `pca.enabled`, fit PCA on training patches and save it to `pca.out_path` (returned);
+    otherwise leave a DISABLED.txt note in its directory (returns None)."""
+    from jetformer.data.pca import save_pca
+
+    out = Path(cfg.pca.out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    note_path = out.parent / "DISABLED.txt"
+    for stale in (out, note_path):            # what an earlier run of this stage left
+        stale.unlink(missing_ok=True)
+    if not cfg.pca.enabled:
+        note = "pca.enabled is false: no PCA fitted (set it true for model.factoring=pca)\n"
+        note_path.write_text(note)
+        print("fit_pca: " + note.strip())
+        return None
+    pca, n = fit_train_pca(cfg)
+    save_pca(pca, out)
+    ev = pca["explained_variance"].numpy()
+    keep = cfg.model.factored_dims
+    print(f"fit_pca: {n} images, {n * cfg.num_image_tokens} patches; the first "
+          f"{keep} of {len(ev)} components explain {ev[:keep].sum() / ev.sum():.1%} of the variance "
+          f"-> {out}")
+    return out

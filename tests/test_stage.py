@@ -1,0 +1,66 @@
+"""The shared stage runner (`jetformer.stage.run_stage`) behind every pipelines/*.py script, and
+the public `ArrowImageDataset.column` accessor the evaluation stages read baselines through."""
+import pytest
+import yaml
+
+from jetformer.config import REPO_ROOT, load_config
+from jetformer.data.dataset import ArrowImageDataset
+from jetformer.data.prepare import prepare
+from jetformer.stage import StageError, run_stage
+
+
+def test_bad_params_fail_before_the_stage_runs(tmp_path, capsys):
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["eval"]["batch_size"] = 0
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(params))
+    called = []
+    assert run_stage("judge", lambda cfg, **kw: called.append(kw), argv=["--params", str(bad)],
+                     out="models/judge.pt") == 1
+    assert called == []                                           # no compute on bad params
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("judge failed: ") and "eval.batch_size" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("x.pt not found"), ValueError("bad value"),
+                                   StageError("no samples")])
+def test_stage_errors_become_one_line_and_status_1(error, capsys):
+    def fail(cfg, task, out_dir):
+        raise error
+    rc = run_stage("finetune {task}", fail, argv=["vqa"], positional={"task": ("caption", "vqa")},
+                   out_dir=None)
+    assert rc == 1
+    assert capsys.readouterr().err == f"finetune vqa failed: {error}\n"
+
+
+def test_paths_reach_the_stage_and_success_is_0():
+    seen = {}
+
+    def stage(cfg, metrics_dir, out):
+        seen.update(cfg=cfg, metrics_dir=metrics_dir, out=out)
+    assert run_stage("eval_report", stage, argv=["--metrics-dir", "m", "--params", str(REPO_ROOT / "params.yaml")],
+                     metrics_dir="metrics", out="metrics/eval.json") == 0
+    assert seen["metrics_dir"] == "m" and seen["out"] == "metrics/eval.json"
+    assert seen["cfg"] == load_config(REPO_ROOT / "params.yaml")
+
+
+def test_other_errors_are_not_swallowed():
+    def bug(cfg):
+        raise KeyError("a bug, not bad input")
+    with pytest.raises(KeyError):
+        run_stage("x", bug, argv=["--params", str(REPO_ROOT / "params.yaml")])
+
+
+def test_column_matches_items_across_shards_and_worker_parts(tmp_path):
+    cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
+        f"data.synthetic.out_dir={tmp_path / 'raw'}", f"data.prepared_dir={tmp_path / 'prepared'}",
+        "data.synthetic.num_train=11", "data.synthetic.num_val=2", "data.synthetic.bad_files=false",
+        "data.resolution=8", "data.workers=1", "data.shard_size=4"))
+    prepare(cfg)
+    for rank, world_size in ((0, 1), (1, 3)):
+        ds = ArrowImageDataset(cfg.data.prepared_dir, "train", rank=rank, world_size=world_size)
+        assert len(ds.paths) > 1
+        for name in ("captions", "qa", "id"):
+            assert ds.column(name) == [ds[i][name] for i in range(len(ds))]
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        ds.column("nope")
