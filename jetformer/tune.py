@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from jetformer.compare import atomic_write_text
 from jetformer.config import (ConfigError, deep_merge, flatten, load_config, load_config_dict,
                               read_yaml)
 
@@ -419,7 +420,7 @@ def _parent_run(cfg, spec: SweepSpec, sid: str, state_file: Path, base: dict, fr
         cl.log_batch(run.info.run_id, params=params[i:i + 100])
     state = {"parent_run_id": run.info.run_id, "experiment_id": exp_id,
              "tracking_uri": tracking.tracking_uri(cfg), "sweep_id": sid}
-    _atomic_write(state_file, json.dumps(state, indent=2))
+    atomic_write_text(state_file, json.dumps(state, indent=2))
     return state
 
 
@@ -494,14 +495,6 @@ def dvc_set_args(overlays, params: str | Path = "params.yaml") -> str:
     import shlex
     return " ".join("-S " + shlex.quote(f"{k}={json.dumps(v) if not isinstance(v, str) else v}")
                     for k, v in new.items() if base[k] != v)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _rows_csv(rows: list[dict]) -> str:
@@ -612,10 +605,10 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
     closed = close_child_runs(cfg, state["parent_run_id"], state["experiment_id"], trials)
     best = pick_best(rows, spec)
     out = Path(out_dir) / spec.name
-    _atomic_write(out / "trials.csv", _rows_csv(rows))
-    _atomic_write(out / "summary.md", _summary_md(rows, best, spec, sid, base, wall, state["parent_run_id"]))
+    atomic_write_text(out / "trials.csv", _rows_csv(rows))
+    atomic_write_text(out / "summary.md", _summary_md(rows, best, spec, sid, base, wall, state["parent_run_id"]))
     if best is not None:
-        _atomic_write(out / "best.yaml", best_overlay_text(best, spec, sid))
+        atomic_write_text(out / "best.yaml", best_overlay_text(best, spec, sid))
     cl = tracking.client(cfg)
     pid = state["parent_run_id"]
     for f in ("trials.csv", "summary.md", "best.yaml"):

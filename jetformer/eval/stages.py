@@ -212,6 +212,28 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
     return info
 
 
+def _finetune_inputs(cfg: Config, model: str | Path) -> tuple[dict, ArrowImageDataset, ArrowImageDataset]:
+    """(the fine-tune's finetune.json, val split, train split) for `evaluate_caption/vqa`."""
+    return (read_json(Path(model) / "finetune.json"), *_splits(cfg, "val", "train"))
+
+
+def _load_finetuned(model: str | Path, cfg: Config):
+    """(fine-tuned model, its config, its text tokenizer)."""
+    from jetformer.train.checkpoint import load_trained
+    net, mcfg = load_trained(model)
+    return net, mcfg, _text_tokenizer(mcfg, cfg)
+
+
+def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metrics, plots) -> dict:
+    """What `evaluate_<task>` writes when its fine-tune was skipped: null metrics with the reason,
+    an empty predictions CSV (with the columns its DVC plot reads)."""
+    result = {metric: None, f"baseline_{metric}": None, f"{task}_skipped": info["skipped"]}
+    write_json(metrics, result)
+    write_csv(Path(plots) / f"{task}_predictions.csv", [], fields=["index", score_column])
+    print(f"evaluate_{task}: skipped ({info['skipped']})")
+    return result
+
+
 # ----------------------------------------------------------------------------- caption
 def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_caption",
                          metrics: str | Path = "metrics/caption.json", plots: str | Path = "plots") -> dict:
@@ -220,18 +242,11 @@ def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_capti
     from jetformer.eval.baselines import constant_caption_cider
     from jetformer.eval.cider import cider_score
     from jetformer.eval.finetune import generate_captions
-    from jetformer.train.checkpoint import load_trained
 
-    info = read_json(Path(model) / "finetune.json")
-    val, train = _splits(cfg, "val", "train")
+    info, val, train = _finetune_inputs(cfg, model)
     if info.get("skipped"):
-        result = {"cider": None, "baseline_cider": None, "caption_skipped": info["skipped"]}
-        write_json(metrics, result)
-        write_csv(Path(plots) / "caption_predictions.csv", [], fields=["index", "cider"])
-        print(f"evaluate_caption: skipped ({info['skipped']})")
-        return result
-    net, mcfg = load_trained(model)
-    tokenizer = _text_tokenizer(mcfg, cfg)
+        return _skipped_outputs(info, "caption", "cider", "cider", metrics, plots)
+    net, mcfg, tokenizer = _load_finetuned(model, cfg)
     t0 = time.time()
     items = [val[i] for i in range(len(val))]
     refs = {it["id"]: it["captions"] for it in items}
@@ -261,18 +276,11 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
     from jetformer.eval.baselines import per_type_vqa_accuracy
     from jetformer.eval.finetune import generate_answers
     from jetformer.eval.vqa import vqa_score
-    from jetformer.train.checkpoint import load_trained
 
-    info = read_json(Path(model) / "finetune.json")
-    val, train = _splits(cfg, "val", "train")
+    info, val, train = _finetune_inputs(cfg, model)
     if info.get("skipped"):
-        result = {"vqa_accuracy": None, "baseline_vqa_accuracy": None, "vqa_skipped": info["skipped"]}
-        write_json(metrics, result)
-        write_csv(Path(plots) / "vqa_predictions.csv", [], fields=["index", "accuracy"])
-        print(f"evaluate_vqa: skipped ({info['skipped']})")
-        return result
-    net, mcfg = load_trained(model)
-    tokenizer = _text_tokenizer(mcfg, cfg)
+        return _skipped_outputs(info, "vqa", "vqa_accuracy", "accuracy", metrics, plots)
+    net, mcfg, tokenizer = _load_finetuned(model, cfg)
     t0 = time.time()
     index, ids, questions = [], [], []      # (val item, question) pairs, every question of every image
     for i in range(len(val)):
