@@ -182,11 +182,11 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
     models/finetune_<task>) with `finetune.json`; a class-conditional model or a source without
     the task's texts is saved unchanged with the reason in `skipped`. Returns finetune.json."""
     from jetformer.eval.finetune import finetune, save_finetuned
-    from jetformer.train.checkpoint import MODEL_FILE, _model_file, load_trained
+    from jetformer.train.checkpoint import MODEL_FILE, model_file, load_trained
 
     out_dir = Path(out_dir or f"models/finetune_{task}")
     model, mcfg = load_trained(cfg.train.out_dir)
-    source = torch.load(_model_file(cfg.train.out_dir), map_location="cpu", weights_only=False)
+    source = torch.load(model_file(cfg.train.out_dir), map_location="cpu", weights_only=False)
     (train,) = _splits(cfg, "train")
     info = {"task": task, "steps": 0, "skipped": ""}
     need = "captions" if task == "caption" else "qa"

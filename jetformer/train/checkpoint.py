@@ -109,7 +109,7 @@ def export_model(state: dict, out_dir: str | Path) -> Path:
     return path
 
 
-def _model_file(path: str | Path) -> Path:
+def model_file(path: str | Path) -> Path:
     """`path` may be the exported file, its directory, or a training checkpoint directory."""
     path = Path(path)
     if path.is_dir():
@@ -131,7 +131,7 @@ def load_trained(path: str | Path, device: str | torch.device | None = None
     """The trained model (EMA weights when the run kept an EMA) in eval mode, and its Config.
 
     `path`: `models/checkpoint`, its `model.pt`, or a training checkpoint directory."""
-    file = _model_file(path)
+    file = model_file(path)
     obj = _load(file, "model checkpoint")
     if obj["format"] not in (MODEL_FORMAT, STATE_FORMAT):
         raise ValueError(f"{file}: unknown checkpoint format {obj['format']!r}")
