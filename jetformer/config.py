@@ -140,6 +140,7 @@ class TrainConfig:
     steps: int = 1500
     batch_size: int = 32            # global batch, split across workers
     lr: float = 1e-3
+    flow_lr_scale: float = 1.0      # the flow's (codec's) learning rate = lr x this
     warmup_frac: float = 0.1
     weight_decay: float = 1e-4      # decoupled, NOT scaled by lr (official code)
     beta1: float = 0.9
@@ -187,7 +188,9 @@ class EvalConfig:
     max_decode_len: int = 24
     num_nll_images: int = 300
     class_prompt: str = "a {}"       # text asking a multimodal model for a class sample
-    zeroshot_prompt: str = "{}"      # text scored per class for zero-shot (paper: the bare class name)
+    # zero-shot: class score = log sum over these templates of p(template(name) | image)
+    zeroshot_prompts: list[str] = dataclasses.field(default_factory=lambda: [  # paper: ["{}"]
+        f"a {c} {{}}" for c in ("red", "green", "blue", "yellow", "purple", "white")])
 
 
 @dataclass
@@ -283,6 +286,10 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
         if not math.isfinite(float(value)):
             raise bad("a finite number")
         return float(value)
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+            raise bad("a non-empty list of strings")
+        return list(value)
     if tp is str:
         if isinstance(value, bool) and key == "train.use_gpu":  # YAML true/false
             return "true" if value else "false"
@@ -572,7 +579,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
     for key in non_negative:
         if flat[key] < 0:
             fail(key, "must be >= 0")
-    for key in ["train.lr", "train.sample_temperature", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
+    for key in ["train.lr", "train.flow_lr_scale", "train.sample_temperature", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
         if not flat[key] > 0:
             fail(key, "must be > 0")
     for key in ["train.warmup_frac", "train.cfg_drop_prob", "data.max_bad_fraction",
@@ -616,8 +623,10 @@ def validate(cfg: Config, source: str = "<params>") -> None:
         fail("train.flow_pretrain_steps", f"must be < train.steps={t.steps}")
     if t.noise.sigma_final > t.noise.sigma0:
         fail("train.noise.sigma_final", f"must be <= train.noise.sigma0={t.noise.sigma0}")
-    for key in ("eval.class_prompt", "eval.zeroshot_prompt"):
-        if flat[key].count("{}") != 1:
-            fail(key, "must contain '{}' exactly once (where the class name goes)")
+    for key, templates in (("eval.class_prompt", [cfg.eval.class_prompt]),
+                           ("eval.zeroshot_prompts", cfg.eval.zeroshot_prompts)):
+        for text in templates:
+            if text.count("{}") != 1:
+                fail(key, f"{text!r} must contain '{{}}' exactly once (where the class name goes)")
     if d.synthetic.min_side > d.synthetic.max_side:
         fail("data.synthetic.min_side", f"must be <= data.synthetic.max_side={d.synthetic.max_side}")

@@ -1,5 +1,5 @@
 """DVC stage `evaluate_understanding`: zero-shot classification of the val images by scoring
-the class names (`eval.zeroshot_prompt`) after the image, and the held-out NLL in bits/dim of
+the class names (`eval.zeroshot_prompts`) after the image, and the held-out NLL in bits/dim of
 val images beside the bits/dim of the same images stored as PNG."""
 import sys
 

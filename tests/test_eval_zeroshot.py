@@ -42,3 +42,22 @@ def test_zeroshot_picks_the_class_the_model_prefers(make_cfg):
     # batch size does not change the result
     torch.testing.assert_close(zeroshot_scores(model, test_images, names, names_mask, batch_size=100),
                                scores, atol=1e-4, rtol=1e-4)
+
+
+def test_prompt_ensemble_is_the_log_sum_of_its_templates(make_cfg):
+    """[P, C, T] prompts: score = log sum_p p(text_pc | image); one template = plain scoring."""
+    cfg = make_cfg("model.decoder.dropout=0.0")
+    torch.manual_seed(0)
+    model = JetFormer(cfg, vocab_size=16).eval()
+    images = _solid((200, 30, 30), 3, cfg.data.resolution)
+    # two templates x two classes: "[9] name" and "[10] name", names 5 and 6
+    text = torch.tensor([[[9, 5, EOS_ID], [9, 6, EOS_ID]], [[10, 5, EOS_ID], [10, 6, EOS_ID]]])
+    mask = torch.ones_like(text, dtype=torch.bool)
+    pred, scores = zeroshot_classify(model, images, text, mask, batch_size=4)
+    per_template = torch.stack([zeroshot_scores(model, images, text[p], mask[p]) for p in range(2)])
+    expected = (per_template.double().exp().sum(0)).log().float()          # by hand, no logsumexp
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert pred.tolist() == expected.argmax(1).tolist()
+    single, _ = zeroshot_classify(model, images, text[:1], mask[:1])
+    torch.testing.assert_close(zeroshot_classify(model, images, text[0], mask[0])[1], _)
+    assert single.shape == (3,)

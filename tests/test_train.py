@@ -14,7 +14,8 @@ from jetformer.config import load_config
 from jetformer.train import checkpoint as ckpt
 from jetformer.train.launch import absolute_paths
 from jetformer.train.loop import BatchStream, NonFiniteLossError, train_loop
-from jetformer.train.optim import build_optimizer, clip_gradients, decayed_parameters, lr_at
+from jetformer.train.optim import (build_optimizer, build_scheduler, clip_gradients,
+                                   decayed_parameters, lr_at)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,6 +95,29 @@ def test_weight_decay_decoupled_and_only_on_weight_matrices(make_cfg):
     torch.testing.assert_close(model[1].weight, before["1.weight"] * (1 - 1e-4))
     torch.testing.assert_close(model[0].weight, before["0.weight"])
     torch.testing.assert_close(model[2].weight, before["2.weight"])
+
+
+def test_flow_lr_scale_applies_to_the_codec_only_and_keeps_decay_per_step(make_cfg):
+    cfg = make_cfg("train.lr=0.01", "train.flow_lr_scale=4", "train.weight_decay=1e-4")
+    model = nn.Module()
+    model.codec, model.decoder = nn.Linear(3, 3), nn.Linear(3, 3)
+    opt = build_optimizer(model, cfg.train)
+    lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lr[id(model.codec.weight)] == pytest.approx(0.04) and lr[id(model.codec.bias)] == pytest.approx(0.04)
+    assert lr[id(model.decoder.weight)] == pytest.approx(0.01)
+    # one Adam step with unit gradients moves every parameter by its group's lr (plus decay)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    torch.testing.assert_close(model.codec.bias, before["codec.bias"] - 0.04)
+    torch.testing.assert_close(model.decoder.bias, before["decoder.bias"] - 0.01)
+    torch.testing.assert_close(model.codec.weight, before["codec.weight"] * (1 - 1e-4) - 0.04)
+    # the schedule scales each group's own lr
+    sched = build_scheduler(opt, cfg.train, total_steps=10)
+    assert [g["lr"] / g["initial_lr"] for g in opt.param_groups] == pytest.approx(
+        [lr_at(0, base_lr=0.01, total_steps=10, warmup_frac=cfg.train.warmup_frac) / 0.01] * 4)
+    del sched
 
 
 def test_clip_gradients_returns_norm_before_clipping():

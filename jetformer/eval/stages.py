@@ -314,7 +314,7 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
 def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/understanding.json",
                                plots: str | Path = "plots") -> dict:
     """Zero-shot classification of the val images by scoring the class names
-    (`eval.zeroshot_prompt`) after the image, and the held-out NLL in bits/dim of val images
+    (`eval.zeroshot_prompts`, log-sum-exp over the templates) after the image, and the held-out NLL in bits/dim of val images
     beside the bits/dim of the same images stored as PNG."""
     from jetformer.eval.baselines import majority_class_accuracy
     from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
@@ -342,8 +342,9 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     result["baseline_zeroshot_accuracy"] = majority_class_accuracy(train.labels().tolist(), labels.tolist())
     if model.conditioning == "text":
         tokenizer = _text_tokenizer(mcfg, cfg)
-        names = [class_prompt(c, e.zeroshot_prompt) for c in val.classes]
-        text, mask = tokenizer.encode_batch(names, mcfg.tokenizer.max_text_len)
+        names = [[class_prompt(c, t) for c in val.classes] for t in e.zeroshot_prompts]  # [P][C]
+        encoded = [tokenizer.encode_batch(n, mcfg.tokenizer.max_text_len) for n in names]
+        text, mask = (torch.stack(parts) for parts in zip(*encoded))          # [P, C, T] each
         pred, scores = zeroshot_classify(model, images, text, mask, batch_size=e.batch_size)
         result["zeroshot_accuracy"] = (pred == labels).float().mean().item()
         result["zeroshot_prompts"] = names

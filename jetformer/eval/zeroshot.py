@@ -1,5 +1,9 @@
 """Zero-shot classification by scoring class names (paper §4, Fig. 4; official-code facts 21):
-predict argmax_c log p(name_c | image), the text scored after the image prefix [BOI, img, BOS]."""
+predict argmax_c log p(name_c | image), the text scored after the image prefix [BOI, img, BOS].
+
+With several prompt templates per class (a CLIP-style ensemble, e.g. "a red {}", "a blue {}")
+the class score is log Σ_t p(t(name_c) | image): the probability that the caption is any of the
+class's phrasings. One template "{}" is the paper's bare class name."""
 from __future__ import annotations
 
 import torch
@@ -28,6 +32,16 @@ def zeroshot_scores(model, images: torch.Tensor, class_text: torch.Tensor, class
 
 
 def zeroshot_classify(model, images, class_text, class_mask, *, batch_size: int = 50):
-    """(predicted class long [N], scores [N, C])."""
-    scores = zeroshot_scores(model, images, class_text, class_mask, batch_size=batch_size)
+    """(predicted class long [N], scores [N, C]).
+
+    class_text/class_mask: [C, T] (one text per class) or [P, C, T] (P prompt templates per
+    class; scores are then log Σ_p p(text_pc | image))."""
+    if class_text.dim() == 2:
+        class_text, class_mask = class_text[None], class_mask[None]
+    if class_text.dim() != 3 or class_mask.shape != class_text.shape:
+        raise ValueError(f"class_text must be [C, T] or [P, C, T] with a mask of the same shape, "
+                         f"got {tuple(class_text.shape)} and {tuple(class_mask.shape)}")
+    scores = torch.logsumexp(torch.stack([
+        zeroshot_scores(model, images, t, m, batch_size=batch_size)
+        for t, m in zip(class_text, class_mask)]), dim=0)                # [N, C]
     return scores.argmax(dim=1), scores
