@@ -131,7 +131,7 @@ class NoiseConfig:
     """RGB noise curriculum (paper §3.2): sigma_t = final + (sigma0 - final)(1 + cos(pi t))/2."""
     sigma0: float = 16.0
     sigma_final: float = 0.0
-    curriculum_frac: float = 1.0    # fraction of training over which sigma decays (then stays final)
+    curriculum_frac: float = 0.75   # fraction of training over which sigma decays (then stays final)
 
 
 @dataclass
@@ -140,7 +140,7 @@ class TrainConfig:
     steps: int = 1500
     batch_size: int = 32            # global batch, split across workers
     lr: float = 1e-3
-    flow_lr_scale: float = 1.0      # the flow's (codec's) learning rate = lr x this
+    flow_lr_scale: float = 8.0      # the flow's (codec's) learning rate = lr x this
     warmup_frac: float = 0.1
     weight_decay: float = 1e-4      # decoupled, NOT scaled by lr (official code)
     beta1: float = 0.9
@@ -538,9 +538,19 @@ def load_config(params: str | Path | dict | None = "params.yaml",
     return cfg
 
 
+def _upgrade(d: dict) -> dict:
+    """Configs stored by older versions: `eval.zeroshot_prompt` (one template) became
+    `eval.zeroshot_prompts` (a list)."""
+    ev = d.get("eval")
+    if isinstance(ev, dict) and "zeroshot_prompt" in ev:
+        d = {**d, "eval": {k: v for k, v in ev.items() if k != "zeroshot_prompt"}}
+        d["eval"].setdefault("zeroshot_prompts", [ev["zeroshot_prompt"]])
+    return d
+
+
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
-    cfg = _build(Config, d, "", "<dict>")
+    cfg = _build(Config, _upgrade(d), "", "<dict>")
     validate(cfg, "<dict>")
     return cfg
 

@@ -75,3 +75,13 @@ def test_parse_override_types():
     assert parse_override("a=x y") == {"a": "x y"}
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_checkpoint_config_with_the_legacy_zeroshot_key_still_loads():
+    d = Config().to_dict()
+    del d["eval"]["zeroshot_prompts"]
+    d["eval"]["zeroshot_prompt"] = "a {}"
+    assert config_from_dict(d).eval.zeroshot_prompts == ["a {}"]
+    d["eval"]["zeroshot_prompt"] = "no placeholder"
+    with pytest.raises(ConfigError, match="zeroshot_prompts"):
+        config_from_dict(d)
