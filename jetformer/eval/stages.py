@@ -313,9 +313,9 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
 # ----------------------------------------------------------------------------- understanding
 def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/understanding.json",
                                plots: str | Path = "plots") -> dict:
-    """Zero-shot classification of the val images by scoring the class names
-    (`eval.zeroshot_prompts`, log-sum-exp over the templates) after the image, and the held-out NLL in bits/dim of val images
-    beside the bits/dim of the same images stored as PNG."""
+    """Zero-shot classification of the val images by scoring the class names after the image
+    (`eval.zeroshot_prompts`, log-sum-exp over the templates), and the held-out NLL in bits/dim
+    of val images beside the bits/dim of the same images stored as PNG."""
     from jetformer.eval.baselines import majority_class_accuracy
     from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
     from jetformer.eval.sampling import class_prompt

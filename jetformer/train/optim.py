@@ -46,9 +46,8 @@ def build_optimizer(model: nn.Module, train_cfg, params=None) -> torch.optim.Ada
     decay_ids = decayed_parameters(model)
     codec = getattr(model, "codec", None)
     flow_ids = {id(p) for p in codec.parameters()} if isinstance(codec, nn.Module) else set()
-    scale = getattr(train_cfg, "flow_lr_scale", 1.0)
     groups = []
-    for is_flow, lr in ((False, train_cfg.lr), (True, train_cfg.lr * scale)):
+    for is_flow, lr in ((False, train_cfg.lr), (True, train_cfg.lr * train_cfg.flow_lr_scale)):
         mine = [p for p in params if (id(p) in flow_ids) == is_flow]
         # decoupled decay relative to the schedule's shape: wd / lr of this group (module doc)
         groups += [{"params": [p for p in mine if id(p) in decay_ids], "lr": lr,
