@@ -46,7 +46,7 @@ class SyntheticConfig:
 
 @dataclass
 class SourcePaths:
-    """Paths of a real source (ImageNet ImageFolder, COCO captions, VQAv2). Empty = unused."""
+    """Paths of a real source (COCO captions, VQAv2). Empty = unused."""
     train_images: str = ""
     val_images: str = ""
     train_annotations: str = ""     # COCO captions JSON / VQAv2 annotations JSON
@@ -56,10 +56,42 @@ class SourcePaths:
 
 
 @dataclass
+class ImageFolderPaths:
+    """An ImageFolder source (ImageNet layout `<root>/<class dir>/<image>`). `class_names`: a
+    file naming the classes (`jetformer.data.classnames`): one name per line in class order,
+    the ImageNet synset mapping (`n01440764 tench, Tinca tinca`) or a JSON {dir: name}."""
+    train_images: str = ""
+    val_images: str = ""
+    class_names: str = ""
+
+
+@dataclass
+class RoleConfig:
+    """Which source feeds one role, and where its `prepare@<role>` output goes."""
+    source: str = "auto"            # auto | none | a source name (choices per role: ROLE_SOURCES)
+    prepared_dir: str = ""
+
+
+def _role(name: str):
+    return field(default_factory=lambda: RoleConfig(prepared_dir=f"data/prepared/{name}"))
+
+
+@dataclass
+class RolesConfig:
+    """The evaluation roles' data (paper §4: pretrain on image-text pairs or ImageNet, fine-tune
+    and evaluate captioning on COCO, VQA on VQAv2, zero-shot classification on ImageNet, FID
+    against a reference set). `auto` is resolved by `role_source`."""
+    caption: RoleConfig = _role("caption")
+    vqa: RoleConfig = _role("vqa")
+    zeroshot: RoleConfig = _role("zeroshot")
+    fid: RoleConfig = _role("fid")
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"       # synthetic | imagefolder | coco | vqav2
+    source: str = "synthetic"       # the pretraining source: synthetic | imagefolder | coco
     resolution: int = 32            # shorter side resized to this, then central crop
-    prepared_dir: str = "data/prepared"
+    prepared_dir: str = "data/prepared/pretrain"   # the pretraining data (prepare@pretrain)
     workers: int = 2                # parallel prepare processes
     shard_size: int = 1000          # images per Arrow shard
     max_bad_fraction: float = 0.05  # fail if more than this fraction of files is unreadable
@@ -67,9 +99,10 @@ class DataConfig:
     max_images: int = 0             # 0 = all; cap per split for quick runs
     flip: bool = False              # random left-right flip in the loader (ImageNet recipe)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    imagefolder: SourcePaths = field(default_factory=SourcePaths)
+    imagefolder: ImageFolderPaths = field(default_factory=ImageFolderPaths)
     coco: SourcePaths = field(default_factory=SourcePaths)
     vqav2: SourcePaths = field(default_factory=SourcePaths)
+    roles: RolesConfig = field(default_factory=RolesConfig)
 
 
 @dataclass
@@ -240,8 +273,64 @@ class Config:
         return 3 * self.model.patch_size ** 2
 
 
+# ----------------------------------------------------------------------------- data roles
+ROLES = ("pretrain", "caption", "vqa", "zeroshot", "fid")
+PRETRAIN_SOURCES = ("synthetic", "imagefolder", "coco")
+ROLE_SOURCES = {"caption": ("synthetic", "coco"), "vqa": ("synthetic", "vqav2"),
+                "zeroshot": ("synthetic", "imagefolder"), "fid": PRETRAIN_SOURCES}
+# what each source kind holds per image (the shapes world has everything)
+SOURCE_PROVIDES = {"synthetic": ("captions", "labels", "qa", "attributes"),
+                   "imagefolder": ("labels",), "coco": ("captions",), "vqav2": ("qa",)}
+_SOURCE_PATHS = {"imagefolder": ("train_images", "val_images"),
+                 "coco": ("train_images", "val_images", "train_annotations", "val_annotations"),
+                 "vqav2": ("train_images", "val_images", "train_questions", "val_questions",
+                           "train_annotations", "val_annotations")}
+
+
+def source_configured(d: DataConfig, source: str) -> bool:
+    """Every path of `data.<source>` is set (the synthetic world is always there)."""
+    if source == "synthetic":
+        return True
+    section = getattr(d, source)
+    return all(getattr(section, k) for k in _SOURCE_PATHS[source])
+
+
+def role_source(d: DataConfig, role: str) -> str:
+    """The source kind feeding `role`, `auto` resolved; "none" = the role is not served.
+
+    auto: the shapes world fills every role; otherwise the FID reference set is the
+    pretraining source, captioning uses COCO (the pretraining source when it has captions),
+    VQA uses VQAv2 and zero-shot an ImageFolder with class names, each when configured."""
+    if role == "pretrain":
+        return d.source
+    if role not in ROLE_SOURCES:
+        raise ValueError(f"unknown data role {role!r}; roles: {list(ROLES)}")
+    chosen = getattr(d.roles, role).source
+    if chosen != "auto":
+        return chosen
+    if d.source == "synthetic" or role == "fid":
+        return d.source
+    if role == "caption":
+        return "coco" if d.source == "coco" or source_configured(d, "coco") else "none"
+    if role == "vqa":
+        return "vqav2" if source_configured(d, "vqav2") else "none"
+    ok = source_configured(d, "imagefolder") and d.imagefolder.class_names
+    return "imagefolder" if ok else "none"
+
+
+def role_prepared_dir(d: DataConfig, role: str) -> str:
+    """Where `prepare@<role>` writes (pretraining: `data.prepared_dir`)."""
+    return d.prepared_dir if role == "pretrain" else getattr(d.roles, role).prepared_dir
+
+
+def role_config(cfg: "Config", role: str) -> "Config":
+    """`cfg` with `data.source` / `data.prepared_dir` set to `role`'s (what `prepare` reads)."""
+    data = dataclasses.replace(cfg.data, source=role_source(cfg.data, role),
+                               prepared_dir=role_prepared_dir(cfg.data, role))
+    return dataclasses.replace(cfg, data=data)
+
+
 VALID_CHOICES = {
-    "data.source": ("synthetic", "imagefolder", "coco", "vqav2"),
     "model.factoring": ("post_flow", "learnable_w", "pca", "none", "no_flow"),
     "model.conditioning": ("text", "class"),
     "train.task": ("t2i", "i2t", "both", "class"),
@@ -565,6 +654,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
     for key, choices in VALID_CHOICES.items():
         if flat[key] not in choices:
             fail(key, f"must be one of {list(choices)}")
+    _validate_data(cfg, fail)
 
     positive_int = ["data.resolution", "data.workers", "data.shard_size", "tokenizer.vocab_size",
                     "tokenizer.max_text_len", "model.patch_size", "model.num_class_tokens",
@@ -640,3 +730,53 @@ def validate(cfg: Config, source: str = "<params>") -> None:
                 fail(key, f"{text!r} must contain '{{}}' exactly once (where the class name goes)")
     if d.synthetic.min_side > d.synthetic.max_side:
         fail("data.synthetic.min_side", f"must be <= data.synthetic.max_side={d.synthetic.max_side}")
+
+
+def _validate_data(cfg: Config, fail) -> None:
+    """Sources per role: each role's source must hold what its stages need (paper §4 setup)."""
+    d, conditioning = cfg.data, cfg.model.conditioning
+    if d.source == "vqav2":
+        fail("data.source", "VQAv2 holds questions, no captions or labels, so it cannot be the "
+             "pretraining source; pretrain on synthetic | coco (text) or imagefolder (class) and "
+             "set data.roles.vqa.source=vqav2 for the VQA fine-tune and evaluation")
+    if d.source not in PRETRAIN_SOURCES:
+        fail("data.source", f"the pretraining source must be one of {list(PRETRAIN_SOURCES)}")
+    need = "captions" if conditioning == "text" else "labels"
+    if need not in SOURCE_PROVIDES[d.source]:
+        fix = ("coco or synthetic" if need == "captions" else "imagefolder or synthetic")
+        fail("data.source", f"a {conditioning}-conditioned model (model.conditioning="
+             f"{conditioning!r}) pretrains on images with {need}; '{d.source}' has none "
+             f"(use {fix})")
+    for role, choices in ROLE_SOURCES.items():
+        key = f"data.roles.{role}.source"
+        allowed = ("auto", "none", *choices) if role != "fid" else ("auto", *choices)
+        if flat_get(cfg, key) not in allowed:
+            fail(key, f"must be one of {list(allowed)}")
+    dirs = {"data.prepared_dir": d.prepared_dir}
+    for role in ROLE_SOURCES:
+        key = f"data.roles.{role}.prepared_dir"
+        path = getattr(d.roles, role).prepared_dir
+        if not path:
+            fail(key, "must be set (where prepare@" + role + " writes)")
+        clash = [k for k, v in dirs.items() if Path(v) == Path(path)]
+        if clash:
+            fail(key, f"must differ from {clash[0]}")
+        dirs[key] = path
+    fid = role_source(d, "fid")
+    if conditioning == "class" and fid != d.source:
+        fail("data.roles.fid.source", f"class samples follow the reference set's labels: a "
+             f"class-conditional model needs the pretraining source '{d.source}' there")
+    zeroshot = role_source(d, "zeroshot")
+    if "imagefolder" in (zeroshot, fid if conditioning == "text" else "") \
+            and not d.imagefolder.class_names:
+        role = "zeroshot" if zeroshot == "imagefolder" else "fid"
+        fail("data.imagefolder.class_names", f"data.roles.{role} reads the ImageFolder source "
+             f"and scores/prompts class names, but its directories are ids (ImageNet: "
+             "n01443537): set a class-name file (e.g. ImageNet's LOC_synset_mapping.txt)")
+
+
+def flat_get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node

@@ -116,7 +116,8 @@ def test_known_image_resize_and_central_crop_by_hand(tmp_path, fmt):
         (tmp_path / "src" / split / "cls").mkdir(parents=True)
         Image.fromarray(src).save(tmp_path / "src" / split / "cls" / f"img.{fmt.lower()}", format=fmt)
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
-        "data.source=imagefolder", f"data.imagefolder.train_images={tmp_path / 'src' / 'train'}",
+        "data.source=imagefolder", "model.conditioning=class", "train.task=class",
+        f"data.imagefolder.train_images={tmp_path / 'src' / 'train'}",
         f"data.imagefolder.val_images={tmp_path / 'src' / 'val'}", "data.resolution=8",
         "data.min_image_side=4", f"data.prepared_dir={tmp_path / 'prepared'}", "data.workers=1"))
     prepare(cfg)
@@ -133,7 +134,8 @@ def test_tall_image_crops_rows_not_columns(tmp_path):
 
 
 def test_clear_errors(tmp_path):
-    base = ("data.source=imagefolder", "data.workers=1", f"data.prepared_dir={tmp_path / 'out'}")
+    base = ("data.source=imagefolder", "model.conditioning=class", "train.task=class",
+            "data.workers=1", f"data.prepared_dir={tmp_path / 'out'}")
     missing = load_config(REPO_ROOT / "params.yaml", overrides=base + (
         f"data.imagefolder.train_images={tmp_path / 'nope'}", f"data.imagefolder.val_images={tmp_path}"))
     with pytest.raises(PrepareError, match=r"data\.imagefolder\.train_images.*not found"):
@@ -194,7 +196,8 @@ def test_interrupted_then_restarted_equals_clean_run(tmp_path):
 def test_max_images_keeps_every_class(tmp_path):
     fix = Path(__file__).parent / "fixtures" / "imagefolder"              # class 0: 2 images, class 1: 1
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
-        "data.source=imagefolder", f"data.imagefolder.train_images={fix / 'train'}",
+        "data.source=imagefolder", "model.conditioning=class", "train.task=class",
+        f"data.imagefolder.train_images={fix / 'train'}",
         f"data.imagefolder.val_images={fix / 'val'}", "data.resolution=8", "data.workers=1",
         "data.max_images=2", f"data.prepared_dir={tmp_path / 'prepared'}"))
     report = prepare(cfg)

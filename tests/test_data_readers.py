@@ -1,5 +1,6 @@
 """The hand-written official-format fixtures (tests/fixtures/) parse with the same readers that
 read the shapes world, and `prepare` turns each into Arrow shards."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,11 +54,12 @@ def test_missing_fields_are_named(tmp_path):
         readers.read_coco_captions(bad, FIX / "coco/train2014", "data.coco.train_annotations")
 
 
-def _prepare(tmp_path, *overrides):
+def _prepare(tmp_path, *overrides, source: str = "synthetic"):
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
         "data.resolution=8", "data.min_image_side=8", "data.workers=1",
         f"data.prepared_dir={tmp_path / 'prepared'}", *overrides))
-    prepare(cfg)
+    # prepare() reads any source kind (a role's source, e.g. VQAv2 for data.roles.vqa)
+    prepare(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=source)))
     return tmp_path / "prepared"
 
 
@@ -76,7 +78,7 @@ def test_fixture_prepares(tmp_path, source):
                       for s in ("train", "val")]
             paths += [f"data.vqav2.{s}_annotations={FIX / 'vqav2' / f'v2_mscoco_{s}2014_annotations.json'}"
                       for s in ("train", "val")]
-    out = _prepare(tmp_path, f"data.source={source}", *paths)
+    out = _prepare(tmp_path, *paths, source=source)
     meta = read_metadata(out)
     ds = ArrowImageDataset(out, "val")
     items = [ds[i] for i in range(len(ds))]

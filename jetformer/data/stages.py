@@ -10,24 +10,83 @@ from pathlib import Path
 from jetformer.config import Config
 
 
-def run_prepare(cfg: Config, metrics: str | Path = "metrics/prepare.json") -> dict:
-    """(Generate the shapes world, then) read the configured source, write `data.prepared_dir`
-    and the prepare metrics; returns the metrics."""
-    from jetformer.data.prepare import prepare, prepare_metrics
+def _unavailable_reason(cfg: Config, role: str) -> str:
+    d = cfg.data
+    key = f"data.roles.{role}.source"
+    if getattr(d.roles, role).source == "none":
+        return f"{key} is 'none'"
+    need = {"caption": "a captioned source (data.coco)", "vqa": "VQAv2 (data.vqav2)",
+            "zeroshot": "an ImageFolder with class names (data.imagefolder incl. class_names)"}
+    return (f"{key} is 'auto' and neither the pretraining source '{d.source}' nor the paths "
+            f"configured provide {need[role]}")
 
-    report = prepare(cfg, on_shard_done=lambda o: print(
-        f"  shard {o['file']}: {o['written']} images, {len(o['skipped'])} skipped", flush=True))
-    out_metrics = prepare_metrics(report)
-    out = Path(metrics)
+
+def _class_dirs(cfg: Config) -> list[str]:
+    """ImageFolder class directories (sorted, as `readers.read_imagefolder` labels them)."""
+    root = Path(cfg.data.imagefolder.train_images)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.imagefolder.train_images = '{root}': directory not found")
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_names(cfg: Config, source: str, classes: list[str]) -> list[str] | None:
+    """Human-readable class names from `data.imagefolder.class_names`; None = the class
+    directories are the names (the shapes world: `circle`, ...)."""
+    from jetformer.data.classnames import read_class_names
+
+    if source == "imagefolder" and cfg.data.imagefolder.class_names:
+        return read_class_names(cfg.data.imagefolder.class_names, classes)
+    return None
+
+
+def _write_metrics(path: str | Path, obj: dict) -> None:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(out_metrics, indent=1, ensure_ascii=False) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
     os.replace(tmp, out)
+
+
+def run_prepare(cfg: Config, role: str = "pretrain",
+                metrics: str | Path = "metrics/prepare/{role}.json") -> dict:
+    """`prepare@<role>`: (generate the shapes world, then) read the role's source into its
+    prepared directory with a `role.json` (jetformer.data.roles). A role fed by the
+    pretraining source only points there; a role without a source records why. Writes and
+    returns the role's prepare metrics."""
+    from jetformer.config import SOURCE_PROVIDES, role_config, role_prepared_dir, role_source
+    from jetformer.data.prepare import prepare, prepare_metrics
+    from jetformer.data.roles import write_role
+
+    source, out = role_source(cfg.data, role), Path(role_prepared_dir(cfg.data, role))
+    metrics = Path(str(metrics).format(role=role))
+    info = {"role": role, "source": source, "data": ".", "unavailable": "",
+            "provides": list(SOURCE_PROVIDES.get(source, ())), "class_names": None}
+    if source == "none" or (role != "pretrain" and source == cfg.data.source):
+        if out.exists():                      # what an earlier run of this stage left
+            shutil.rmtree(out)
+        if source == "none":
+            info.update(data=None, provides=[], unavailable=_unavailable_reason(cfg, role))
+            print(f"prepare@{role}: unavailable ({info['unavailable']})")
+        else:
+            info["data"] = cfg.data.prepared_dir
+            classes = _class_dirs(cfg) if source == "imagefolder" else []
+            info["class_names"] = _class_names(cfg, source, classes)
+            print(f"prepare@{role}: the pretraining data ({cfg.data.prepared_dir}, '{source}')")
+        write_role(out, info)
+        _write_metrics(metrics, {k: info[k] for k in ("role", "source", "data", "unavailable")})
+        return info
+
+    report = prepare(role_config(cfg, role), on_shard_done=lambda o: print(
+        f"  shard {o['file']}: {o['written']} images, {len(o['skipped'])} skipped", flush=True))
+    info["class_names"] = _class_names(cfg, source, report["classes"])
+    write_role(out, info)
+    out_metrics = {"role": role, "source": source, **prepare_metrics(report)}
+    _write_metrics(metrics, out_metrics)
     for split, s in report["splits"].items():
         print(f"{split}: {s['written']} written, {s['skipped']} skipped, {s['converted']} converted")
         for x in s["skipped_files"]:
             print(f"  skipped {x['file']}: {x['reason']}")
-    print(f"{out_metrics['images_per_s']:.0f} images/s; {cfg.data.prepared_dir} ready")
+    print(f"{out_metrics['images_per_s']:.0f} images/s; prepare@{role} ({source}) -> {out} ready")
     return out_metrics
 
 

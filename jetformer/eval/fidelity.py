@@ -43,6 +43,43 @@ def resolve_extractor(setting: str, source: str) -> str:
     return setting
 
 
+def local_inception_weights(configured: str = "") -> str:
+    """The Inception weights file on disk (`eval.inception_weights`, else torch's hub cache),
+    "" when there is none; never downloads."""
+    if configured:
+        if not Path(configured).is_file():
+            raise FileNotFoundError(f"eval.inception_weights: Inception weights not found at {configured!r}")
+        return configured
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    return str(cached) if cached.is_file() else ""
+
+
+def choose_extractor(setting: str, source: str, judge_reason: str,
+                     inception_weights: str = "") -> tuple[str | None, str]:
+    """(extractor or None, note) for `evaluate_generation`. `auto`: the domain judge on the
+    shapes world; else Inception when its weights are on disk; else the judge when one could
+    be trained (labels: FID not comparable to published numbers); else None, the note saying
+    why FID is unavailable. `inception` may download; `domain` needs a judge."""
+    if setting == "inception":
+        return "inception", ""
+    if setting == "domain":
+        if judge_reason:
+            return None, f"eval.feature_extractor=domain but there is no domain judge ({judge_reason})"
+        return "domain", ""
+    if setting != "auto":
+        raise ValueError(f"eval.feature_extractor must be auto, domain or inception, got {setting!r}")
+    if source == "synthetic" and not judge_reason:
+        return "domain", ""
+    if local_inception_weights(inception_weights):
+        return "inception", ""
+    missing = (f"no Inception weights on disk (set eval.inception_weights to {INCEPTION_FILE}, "
+               f"from {INCEPTION_URL})")
+    if not judge_reason:
+        return "domain", f"{missing}: domain-judge features, not comparable to published FID"
+    return None, (f"no meaningful feature extractor: {missing}, and no domain judge "
+                  f"({judge_reason})")
+
+
 def inception_weights_path(configured: str = "") -> str:
     """A local file with torch-fidelity's Inception weights, downloading them if needed."""
     if configured:
@@ -82,8 +119,12 @@ def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: 
             raise FileNotFoundError(f"judge weights not found: {weights} (run `dvc repro judge`)")
     elif extractor == "inception":
         name, weights = INCEPTION_EXTRACTOR, inception_weights_path(inception_weights)
+        _check_state_dict(weights)   # torch-fidelity unpickles it: refuse anything but tensors
     else:
         raise ValueError(f"unknown feature extractor {extractor!r} (domain | inception)")
+    # Inception: torch-fidelity's standard FID layer, the 2048-d pool features (TF-FID port)
+    layers = ({f"feature_layer_{m}": "2048" for m in ("fid", "kid", "prc")}
+              if extractor == "inception" else {})
     cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
     neighborhood = min(prc_neighborhood, len(generated) - 1, len(real) - 1)
     m = torch_fidelity.calculate_metrics(
@@ -91,7 +132,17 @@ def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: 
         fid=True, kid=True, prc=True, feature_extractor=name, feature_extractor_weights_path=weights,
         cuda=cuda, batch_size=batch_size, cache=False, verbose=False, save_cpu_ram=True,
         kid_subset_size=min(1000, len(generated), len(real)), kid_subsets=kid_subsets,
-        prc_neighborhood=neighborhood, rng_seed=seed)
+        prc_neighborhood=neighborhood, rng_seed=seed, **layers)
     return {"fid": float(m["frechet_inception_distance"]), "precision": float(m["precision"]),
             "recall": float(m["recall"]), "kid": float(m["kernel_inception_distance_mean"]),
             "kid_std": float(m["kernel_inception_distance_std"])}
+
+
+def _check_state_dict(path: str) -> None:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a pickle with code, or a broken file
+        raise ValueError(f"eval.inception_weights: {path} is not a plain weights file ({e})") from None
+    if not isinstance(blob, dict) or "fc.weight" not in blob:
+        raise ValueError(f"eval.inception_weights: {path} is not torch-fidelity's Inception "
+                         f"state dict (expected {INCEPTION_FILE})")

@@ -151,10 +151,49 @@ def save_judge(judge: Judge, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
+class JudgeUnavailable(ValueError):
+    """The judge file records that no judge could be trained (the reason is the message)."""
+
+
+def judge_targets_reason(targets: list[dict[str, str]]) -> str:
+    """Why these training targets cannot train a meaningful judge ("" when they can): it
+    needs scene attributes or class labels with at least two values to tell apart."""
+    if not targets:
+        return "no training images"
+    if set(targets[0]) == {"label"} and {t["label"] for t in targets} <= {"-1"}:
+        return "the reference source has no class labels or scene attributes"
+    if all(len({t[h] for t in targets}) < 2 for h in targets[0]):
+        return "every training image has the same label/attributes: nothing to tell apart"
+    return ""
+
+
+def save_unavailable(reason: str, path: str | Path) -> None:
+    """Write a judge file that records only why there is no judge (atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save({"unavailable": str(reason)}, tmp)
+    os.replace(tmp, path)
+
+
+def judge_unavailable(path: str | Path) -> str:
+    """The reason recorded in a judge file written by `save_unavailable`, "" for a judge."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"judge weights not found: {path} (run the `judge` stage: dvc repro judge)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any corruption gets the same clear message
+        raise ValueError(f"cannot load judge weights from {path}: {e}") from e
+    return str(blob.get("unavailable", "")) if isinstance(blob, dict) else ""
+
+
+def load_judge(path: str | Path, device: str | torch.device = "cpu") -> Judge:
+    path = Path(path)
+    reason = judge_unavailable(path)
+    if reason:
+        raise JudgeUnavailable(f"{path}: no domain judge ({reason})")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         judge = Judge(**blob["config"])

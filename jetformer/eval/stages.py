@@ -22,7 +22,25 @@ def _device() -> str:
 
 
 def _splits(cfg: Config, *names: str) -> list[ArrowImageDataset]:
+    """Splits of the pretraining data."""
     return [ArrowImageDataset(cfg.data.prepared_dir, s) for s in names]
+
+
+def _role_splits(cfg: Config, role: str, *names: str) -> tuple[list[ArrowImageDataset] | None, dict]:
+    """(splits of `role`'s prepared data or None when the role has no source, its role.json)."""
+    from jetformer.config import role_prepared_dir
+    from jetformer.data.roles import read_role, role_data_dir
+
+    prepared = role_prepared_dir(cfg.data, role)
+    info, data = read_role(prepared), role_data_dir(prepared)
+    if data is None:
+        return None, info
+    return [ArrowImageDataset(data, s) for s in names], info
+
+
+def _class_names(ds: ArrowImageDataset, info: dict) -> list[str]:
+    """Readable class names (ImageNet: from the class-name file), else the directory names."""
+    return list(info.get("class_names") or ds.classes)
 
 
 def _text_tokenizer(mcfg: Config, cfg: Config):
@@ -33,13 +51,24 @@ def _text_tokenizer(mcfg: Config, cfg: Config):
 
 # ----------------------------------------------------------------------------- judge
 def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | Path = "metrics/judge.json") -> dict:
-    """Train the domain judge on prepared real training images (scene attributes, or the class
-    label where a source has none), measure it on the real val images, save it."""
-    from jetformer.eval.judge import judge_accuracy, save_judge, scene_targets, train_judge
+    """Train the domain judge on the FID reference source's real training images (scene
+    attributes, or the class label where a source has none), measure it on its val images,
+    save it. A source with neither (COCO) gets no judge: the file records why."""
+    from jetformer.eval.judge import (judge_accuracy, judge_targets_reason, save_judge,
+                                      save_unavailable, scene_targets, train_judge)
 
-    train, val = _splits(cfg, "train", "val")
+    (train, val), _ = _role_splits(cfg, "fid", "train", "val")
     t0 = time.time()
     targets = {name: [scene_targets(ds[i]) for i in range(len(ds))] for name, ds in (("train", train), ("val", val))}
+    reason = judge_targets_reason(targets["train"])
+    if reason:
+        save_unavailable(reason, out)
+        result = {"judge_val_accuracy": None, "judge_val_accuracy_unavailable": reason,
+                  "judge_trusted": False, "judge_heads": []}
+        write_json(metrics, result)
+        print(f"judge: not trained ({reason}); the domain feature extractor and attribute "
+              "accuracy are unavailable")
+        return result
     judge = train_judge(train.images(), targets["train"], steps=cfg.eval.judge_steps,
                         seed=cfg.seed, device=_device(), log=lambda s: print(s, flush=True))
     acc = judge_accuracy(judge.cpu(), val.images(), targets["val"])
@@ -61,10 +90,12 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
 # ----------------------------------------------------------------------------- sample
 def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: str | Path = "plots") -> dict:
     """Class-conditional and text-to-image samples with CFG for the first `eval.num_samples`
-    val items, saved with what each was asked for (`t2i.pt`, `class.pt`), plus sample grids.
+    val items of the FID reference set, saved with what each was asked for (`t2i.pt`,
+    `class.pt`), plus sample grids.
 
-    - text-to-image (text models): one val caption per val image (seeded pick);
-    - class samples: text models are prompted with `eval.class_prompt` ("a {}" -> "a circle"),
+    - text-to-image (text models, a captioned reference set): one val caption per image;
+    - class samples (a reference set with classes): text models are prompted with
+      `eval.class_prompt` ("a {}" -> "a circle"; ImageNet: the class-name file's names),
       class-conditional models get the label; the classes follow the val labels.
     Returns {kind: number of samples}."""
     from jetformer.eval.sampling import (caption_prompts, class_prompt, make_grid, sample_from_labels,
@@ -72,7 +103,7 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
     from jetformer.train.checkpoint import atomic_torch_save, load_trained
 
     model, mcfg = load_trained(cfg.train.out_dir)
-    (val,) = _splits(cfg, "val")
+    (val,), info = _role_splits(cfg, "fid", "val")
     tokenizer = _text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
     e = cfg.eval
     n = min(e.num_samples, len(val))
@@ -83,7 +114,8 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
     common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
                   log=lambda s: print(s, flush=True))
     out_dir, plots = Path(out_dir), Path(plots)
-    for stale in [out_dir / "t2i.pt", out_dir / "class.pt", plots / "samples" / "t2i.png"]:
+    for stale in [out_dir / "t2i.pt", out_dir / "class.pt", plots / "samples" / "t2i.png",
+                  plots / "samples" / "class.png"]:
         stale.unlink(missing_ok=True)     # a previous run's samples must not outlive a model change
     t0 = time.time()
     report = {}
@@ -98,88 +130,133 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
         save_png(make_grid(images[:64], nrow=8, scale=4), plots / "samples" / "t2i.png")
         report["t2i"] = len(images)
     else:
-        print("sample: no text-to-image samples (class-conditional model or a source without captions)")
+        print("sample: no text-to-image samples (class-conditional model or a reference set "
+              "without captions)")
 
-    # class samples, following the val labels
+    # class samples, following the val labels (only where the reference set has classes)
     labels = [it["label"] for it in items]
-    if model.conditioning == "class":
-        images = sample_from_labels(model, labels, seed=cfg.seed + 1, **common)
-        prompts = [f"label {y}" for y in labels]
+    if val.classes and all(0 <= y < len(val.classes) for y in labels):
+        if model.conditioning == "class":
+            images = sample_from_labels(model, labels, seed=cfg.seed + 1, **common)
+            prompts = [f"label {y}" for y in labels]
+        else:
+            names = _class_names(val, info)
+            prompts = [class_prompt(names[y], e.class_prompt) for y in labels]
+            images = sample_from_text(model, tokenizer, prompts,
+                                      max_text_len=mcfg.tokenizer.max_text_len,
+                                      seed=cfg.seed + 1, **common)
+        atomic_torch_save({"images": images, "prompts": prompts, "labels": labels,
+                           "classes": val.classes, "ids": [it["id"] for it in items]},
+                          out_dir / "class.pt")
+        order = sorted(range(len(labels)), key=lambda i: labels[i])[:64]   # grid sorted by class
+        save_png(make_grid(images[order], nrow=8, scale=4), plots / "samples" / "class.png")
+        report["class"] = len(images)
     else:
-        prompts = [class_prompt(val.classes[y], e.class_prompt) for y in labels]
-        images = sample_from_text(model, tokenizer, prompts, max_text_len=mcfg.tokenizer.max_text_len,
-                                  seed=cfg.seed + 1, **common)
-    atomic_torch_save({"images": images, "prompts": prompts, "labels": labels, "classes": val.classes,
-                       "ids": [it["id"] for it in items]}, out_dir / "class.pt")
-    order = sorted(range(len(labels)), key=lambda i: labels[i])[:64]   # grid sorted by class
-    save_png(make_grid(images[order], nrow=8, scale=4), plots / "samples" / "class.png")
-    report["class"] = len(images)
+        print("sample: no class samples (the reference set has no classes)")
+    if not report:
+        raise ValueError("sample: the FID reference set (data.roles.fid) has neither captions "
+                         "for a text model nor classes: nothing to prompt with")
     print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature {e.temperature})")
     return report
 
 
 # ----------------------------------------------------------------------------- generation
+FIDELITY_KEYS = ("fid", "precision", "recall", "kid", "kid_std")
+
+
 def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/samples",
                             judge: str | Path = "models/judge.pt",
                             metrics: str | Path = "metrics/generation.json", plots: str | Path = "plots") -> dict:
-    """FID, precision, recall and KID of the samples against the real val images (domain judge
-    or Inception), and attribute accuracy of the samples (does the judge see the shape / colour
-    the caption or class asked for?), beside the trivial baseline of a generator that always
-    draws the most frequent asked value."""
+    """FID, precision, recall and KID of the samples against the FID reference set's val
+    images (domain judge or Inception, `fidelity.choose_extractor`), and attribute accuracy of
+    the samples (does the judge see the shape / colour / class the prompt asked for?), beside
+    the trivial baseline of a generator that always draws the most frequent asked value.
+    What cannot be measured is null with the reason in `<metric>_unavailable`."""
     from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
     from jetformer.eval.baselines import constant_attribute_accuracy
-    from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
-    from jetformer.eval.judge import load_judge
+    from jetformer.eval.fidelity import choose_extractor, fidelity_metrics
+    from jetformer.eval.judge import judge_unavailable, load_judge
 
     judge_path = judge
-    (val,) = _splits(cfg, "val")
-    judge = load_judge(judge_path)
-    extractor = resolve_extractor(cfg.eval.feature_extractor, cfg.data.source)
-    real = val.images()
-    result: dict = {"feature_extractor": extractor, "num_real": len(real)}
-    rows: list[dict] = []
+    (val,), info = _role_splits(cfg, "fid", "val")
+    judge_reason = judge_unavailable(judge_path)
+    judge = None if judge_reason else load_judge(judge_path)
+    extractor, note = choose_extractor(cfg.eval.feature_extractor, info.get("source", ""),
+                                       judge_reason, cfg.eval.inception_weights)
     kinds = [k for k in ("t2i", "class") if (Path(samples) / f"{k}.pt").is_file()]
     if not kinds:
         raise FileNotFoundError(f"no samples in {samples} (run `dvc repro sample`)")
-    for kind in kinds:
+    real = val.images() if extractor else None
+    result: dict = {"feature_extractor": extractor or "unavailable", "num_real": len(val),
+                    "reference_source": info.get("source", "")}
+    if note:
+        result["feature_extractor_note"] = note
+        print(f"evaluate_generation: {note}", file=sys.stderr)
+    rows: list[dict] = []
+
+    def unavailable(key: str, reason: str) -> None:
+        result[key], result[f"{key}_unavailable"] = None, reason
+
+    for kind in ("t2i", "class"):
+        if kind not in kinds:
+            why = ("no text-to-image samples (class-conditional model or uncaptioned reference set)"
+                   if kind == "t2i" else "no class samples (the reference set has no classes)")
+            for k in (*FIDELITY_KEYS, "attribute_accuracy"):
+                unavailable(f"{kind}_{k}", why)
+            unavailable(f"baseline_{kind}_attribute_accuracy", why)
+            continue
         s = torch.load(Path(samples) / f"{kind}.pt", weights_only=False)
         images = s["images"]
-        fm = fidelity_metrics(images, real, extractor=extractor, judge_path=judge_path,
-                              inception_weights=cfg.eval.inception_weights,
-                              batch_size=cfg.eval.batch_size, device=_device(), seed=cfg.seed)
-        result.update({f"{kind}_{k}": v for k, v in fm.items()})
-        pred = judge.predict(images)
+        result[f"{kind}_num_samples"] = len(images)
+        if extractor:
+            fm = fidelity_metrics(images, real, extractor=extractor, judge_path=judge_path,
+                                  inception_weights=cfg.eval.inception_weights,
+                                  batch_size=cfg.eval.batch_size, device=_device(), seed=cfg.seed)
+            result.update({f"{kind}_{k}": v for k, v in fm.items()})
+            print(f"{kind}: FID {fm['fid']:.3f} precision {fm['precision']:.3f} recall "
+                  f"{fm['recall']:.3f} KID {fm['kid']:.4f} ({extractor} features)")
+        else:
+            for k in FIDELITY_KEYS:
+                unavailable(f"{kind}_{k}", note)
         if kind == "t2i":
             asked = [t2i_asked(a) for a in s["attributes"]]
         else:
-            asked = [class_asked(y, s["classes"], judge.vocab) for y in s["labels"]]
+            asked = [class_asked(y, s["classes"], judge.vocab if judge else ()) for y in s["labels"]]
+        if judge is None or not any(asked):
+            why = (f"no domain judge ({judge_reason})" if judge is None
+                   else "the reference set has no attributes the judge reads for these prompts")
+            unavailable(f"{kind}_attribute_accuracy", why)
+            unavailable(f"baseline_{kind}_attribute_accuracy", why)
+            continue
+        pred = judge.predict(images)
         acc, per = attribute_accuracy(pred, asked)
         result[f"{kind}_attribute_accuracy"] = acc
-        result[f"baseline_{kind}_attribute_accuracy"] = (constant_attribute_accuracy([a for a in asked if a])
-                                                         if any(asked) else None)
-        result[f"{kind}_num_samples"] = len(images)
+        result[f"baseline_{kind}_attribute_accuracy"] = constant_attribute_accuracy(
+            [a for a in asked if a])
         for i, a in enumerate(asked):
             rows.append({"kind": kind, "index": i, "id": s["ids"][i], "prompt": s["prompts"][i],
                          **{f"asked_{h}": v for h, v in a.items()},
                          **{f"judged_{h}": pred[h][i] for h in judge.vocab}, "correct": per[i]})
-        print(f"{kind}: FID {fm['fid']:.3f} precision {fm['precision']:.3f} recall {fm['recall']:.3f} "
-              f"KID {fm['kid']:.4f}; attribute accuracy {acc:.3f} "
-              f"(baseline {result[f'baseline_{kind}_attribute_accuracy']})")
+        print(f"{kind}: attribute accuracy {acc:.3f} "
+              f"(baseline {result[f'baseline_{kind}_attribute_accuracy']:.3f})")
     # the headline FID/PR/KID: text-to-image samples for text models (COCO-style), else class samples
     main_kind = "t2i" if "t2i" in kinds else "class"
-    for k in ("fid", "precision", "recall", "kid"):
+    for k in FIDELITY_KEYS:
         result[k] = result[f"{main_kind}_{k}"]
+        if result[k] is None:
+            result[f"{k}_unavailable"] = result[f"{main_kind}_{k}_unavailable"]
     result["fid_samples"] = main_kind
     write_json(metrics, result)
-    write_csv(Path(plots) / "generation_attributes.csv", rows)
+    write_csv(Path(plots) / "generation_attributes.csv", rows, fields=["index", "correct"])
     return result
 
 
 # ----------------------------------------------------------------------------- fine-tunes
 def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plots: str | Path = "plots") -> dict:
     """A short fine-tune of the trained multimodal model for captioning (image prefix ->
-    caption) or VQA (image + question prefix -> answer), saved to `out_dir` (default
-    models/finetune_<task>) with `finetune.json`; a class-conditional model or a source without
+    caption) or VQA (image + question prefix -> answer) on the training split of the task's
+    role (`data.roles.caption` / `data.roles.vqa`), saved to `out_dir` (default
+    models/finetune_<task>) with `finetune.json`; a class-conditional model or a role without
     the task's texts is saved unchanged with the reason in `skipped`. Returns finetune.json."""
     from jetformer.eval.finetune import finetune, save_finetuned
     from jetformer.train.checkpoint import MODEL_FILE, model_file, load_trained
@@ -187,18 +264,20 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
     out_dir = Path(out_dir or f"models/finetune_{task}")
     model, mcfg = load_trained(cfg.train.out_dir)
     source = torch.load(model_file(cfg.train.out_dir), map_location="cpu", weights_only=False)
-    (train,) = _splits(cfg, "train")
-    info = {"task": task, "steps": 0, "skipped": ""}
+    splits, role = _role_splits(cfg, task, "train")
+    info = {"task": task, "steps": 0, "skipped": "", "source": role.get("source", "")}
     need = "captions" if task == "caption" else "qa"
     if model.conditioning != "text":
         info["skipped"] = "class-conditional model: no text head"
-    elif len(train) == 0 or not train[0][need]:
-        info["skipped"] = f"the source has no {need}"
+    elif splits is None:
+        info["skipped"] = f"no {task} data: {role.get('unavailable')}"
+    elif len(splits[0]) == 0 or not splits[0][0][need]:
+        info["skipped"] = f"the {task} source '{role.get('source')}' has no {need}"
     curve = []
     if not info["skipped"]:
         tokenizer = _text_tokenizer(mcfg, cfg)
         t0 = time.time()
-        curve = finetune(model, mcfg, train, tokenizer, task=task, steps=cfg.eval.finetune_steps,
+        curve = finetune(model, mcfg, splits[0], tokenizer, task=task, steps=cfg.eval.finetune_steps,
                          lr=cfg.eval.finetune_lr, batch_size=mcfg.train.batch_size, seed=cfg.seed,
                          log=lambda s: print(s, flush=True))
         info.update(steps=len(curve), seconds=time.time() - t0,
@@ -212,9 +291,17 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
     return info
 
 
-def _finetune_inputs(cfg: Config, model: str | Path) -> tuple[dict, ArrowImageDataset, ArrowImageDataset]:
-    """(the fine-tune's finetune.json, val split, train split) for `evaluate_caption/vqa`."""
-    return (read_json(Path(model) / "finetune.json"), *_splits(cfg, "val", "train"))
+def _finetune_inputs(cfg: Config, model: str | Path, task: str):
+    """(the fine-tune's finetune.json, val split, train split of the task's role) for
+    `evaluate_caption/vqa`; the splits are None when the fine-tune was skipped."""
+    info = read_json(Path(model) / "finetune.json")
+    if info.get("skipped"):
+        return info, None, None
+    splits, _ = _role_splits(cfg, task, "val", "train")
+    if splits is None:
+        raise ValueError(f"{model} was fine-tuned, but data.roles.{task} now has no data: "
+                         f"rerun finetune_{task} (dvc repro)")
+    return (info, *splits)
 
 
 def _load_finetuned(model: str | Path, cfg: Config):
@@ -227,7 +314,8 @@ def _load_finetuned(model: str | Path, cfg: Config):
 def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metrics, plots) -> dict:
     """What `evaluate_<task>` writes when its fine-tune was skipped: null metrics with the reason,
     an empty predictions CSV (with the columns its DVC plot reads)."""
-    result = {metric: None, f"baseline_{metric}": None, f"{task}_skipped": info["skipped"]}
+    result = {metric: None, f"baseline_{metric}": None, f"{task}_skipped": info["skipped"],
+              f"{metric}_unavailable": info["skipped"], f"baseline_{metric}_unavailable": info["skipped"]}
     write_json(metrics, result)
     write_csv(Path(plots) / f"{task}_predictions.csv", [], fields=["index", score_column])
     print(f"evaluate_{task}: skipped ({info['skipped']})")
@@ -243,7 +331,7 @@ def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_capti
     from jetformer.eval.cider import cider_score
     from jetformer.eval.finetune import generate_captions
 
-    info, val, train = _finetune_inputs(cfg, model)
+    info, val, train = _finetune_inputs(cfg, model, "caption")
     if info.get("skipped"):
         return _skipped_outputs(info, "caption", "cider", "cider", metrics, plots)
     net, mcfg, tokenizer = _load_finetuned(model, cfg)
@@ -277,7 +365,7 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
     from jetformer.eval.finetune import generate_answers
     from jetformer.eval.vqa import vqa_score
 
-    info, val, train = _finetune_inputs(cfg, model)
+    info, val, train = _finetune_inputs(cfg, model, "vqa")
     if info.get("skipped"):
         return _skipped_outputs(info, "vqa", "vqa_accuracy", "accuracy", metrics, plots)
     net, mcfg, tokenizer = _load_finetuned(model, cfg)
@@ -313,9 +401,10 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
 # ----------------------------------------------------------------------------- understanding
 def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/understanding.json",
                                plots: str | Path = "plots") -> dict:
-    """Zero-shot classification of the val images by scoring the class names after the image
-    (`eval.zeroshot_prompts`, log-sum-exp over the templates), and the held-out NLL in bits/dim
-    of val images beside the bits/dim of the same images stored as PNG."""
+    """Zero-shot classification of the zero-shot role's val images (`data.roles.zeroshot`,
+    ImageNet: the class-name file's names) by scoring the class names after the image
+    (`eval.zeroshot_prompts`, log-sum-exp over the templates), and the held-out NLL in
+    bits/dim of pretraining val images beside the bits/dim of the same images stored as PNG."""
     from jetformer.eval.baselines import majority_class_accuracy
     from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
     from jetformer.eval.sampling import class_prompt
@@ -323,39 +412,55 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     from jetformer.train.checkpoint import load_trained
 
     model, mcfg = load_trained(cfg.train.out_dir)
-    val, train = _splits(cfg, "val", "train")
+    (pre_val,) = _splits(cfg, "val")
     e = cfg.eval
     t0 = time.time()
     result: dict = {}
-    images, labels = val.images(), val.labels()
 
-    # held-out NLL vs PNG on the same images
-    n = min(e.num_nll_images, len(val)) if e.num_nll_images else len(val)
-    bpd = heldout_bits_per_dim(model, images[:n], batch_size=e.batch_size, seed=cfg.seed)
-    png = png_bits_per_dim(images[:n])
+    # held-out NLL vs PNG on the same (pretraining val) images
+    n = min(e.num_nll_images, len(pre_val)) if e.num_nll_images else len(pre_val)
+    nll_images = pre_val.images(range(n))
+    bpd = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed)
+    png = png_bits_per_dim(nll_images)
     result.update(val_bits_per_dim=bpd.mean().item(), png_bits_per_dim=png.mean().item(), nll_num_images=n)
     print(f"held-out NLL {result['val_bits_per_dim']:.4f} bits/dim; PNG {result['png_bits_per_dim']:.4f} "
           f"bits/dim ({n} val images)")
 
-    # zero-shot classification by scoring class names (text models)
+    # zero-shot classification by scoring class names (text models, a role with classes)
     rows = []
-    result["baseline_zeroshot_accuracy"] = majority_class_accuracy(train.labels().tolist(), labels.tolist())
-    if model.conditioning == "text":
+    splits, role = _role_splits(cfg, "zeroshot", "val", "train")
+    reason = ""
+    if model.conditioning != "text":
+        reason = "class-conditional model: no text head"
+    elif splits is None:
+        reason = f"no zero-shot data: {role.get('unavailable')}"
+    elif len(splits[0].classes) < 2:
+        reason = f"the zero-shot source '{role.get('source')}' has fewer than 2 classes"
+    if reason:
+        for k in ("zeroshot_accuracy", "baseline_zeroshot_accuracy"):
+            result[k], result[f"{k}_unavailable"] = None, reason
+        print(f"zero-shot classification: skipped ({reason})")
+    else:
+        val, train = splits
+        images, labels = val.images(), val.labels()
+        classes = _class_names(val, role)
+        result["baseline_zeroshot_accuracy"] = majority_class_accuracy(train.labels().tolist(),
+                                                                       labels.tolist())
         tokenizer = _text_tokenizer(mcfg, cfg)
-        names = [[class_prompt(c, t) for c in val.classes] for t in e.zeroshot_prompts]  # [P][C]
+        names = [[class_prompt(c, t) for c in classes] for t in e.zeroshot_prompts]  # [P][C]
         encoded = [tokenizer.encode_batch(n, mcfg.tokenizer.max_text_len) for n in names]
         text, mask = (torch.stack(parts) for parts in zip(*encoded))          # [P, C, T] each
         pred, scores = zeroshot_classify(model, images, text, mask, batch_size=e.batch_size)
         result["zeroshot_accuracy"] = (pred == labels).float().mean().item()
-        result["zeroshot_prompts"] = names
-        rows = [{"index": i, "label": val.classes[y], "predicted": val.classes[p],
-                 **{f"logp_{c}": s for c, s in zip(val.classes, sc)}}
+        result["zeroshot_source"] = role.get("source", "")
+        result["zeroshot_num_classes"] = len(classes)
+        result["zeroshot_prompts"] = names if len(classes) <= 50 else [p[:50] for p in names]
+        rows = [{"index": i, "label": classes[y], "predicted": classes[p],
+                 **({f"logp_{c}": s for c, s in zip(classes, sc)} if len(classes) <= 50 else {})}
                 for i, (y, p, sc) in enumerate(zip(labels.tolist(), pred.tolist(), scores.tolist()))]
         print(f"zero-shot accuracy {result['zeroshot_accuracy']:.4f} (majority class "
-              f"{result['baseline_zeroshot_accuracy']:.4f}) with prompts {names}")
-    else:
-        result["zeroshot_accuracy"] = None
-        print("zero-shot classification: skipped (class-conditional model has no text head)")
+              f"{result['baseline_zeroshot_accuracy']:.4f}), {len(classes)} classes, "
+              f"prompts {[p[:3] for p in names]}")
     result["understanding_seconds"] = time.time() - t0
     write_json(metrics, result)
     write_csv(Path(plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
@@ -380,6 +485,9 @@ def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str
     from jetformer.eval.report import beats_baselines, log_to_training_run, merge_results
 
     merged = merge_results({p: read_json(Path(metrics_dir) / f"{p}.json") for p in REPORT_PARTS})
+    for k, v in list(merged.items()):   # every null metric says why (`<metric>_unavailable`)
+        if v is None and not merged.get(f"{k}_unavailable"):
+            merged[f"{k}_unavailable"] = "no evaluation stage produced it"
     beats = merged["beats_baselines"] = beats_baselines(merged)
     write_json(out, merged)
     numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
