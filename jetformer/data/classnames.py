@@ -22,9 +22,10 @@ def _clean(name: str) -> str:
     return " ".join(name.replace("_", " ").split())
 
 
-def _from_json(data, classes: list[str], path: Path) -> dict[str, str]:
+def _from_json(data, path: Path) -> dict[str, str]:
     if not isinstance(data, dict):
-        raise ClassNameError(f"{path}: JSON class names must be an object, got {type(data).__name__}")
+        raise ClassNameError(f"{path}: JSON class names must be an object, "
+                             f"got {type(data).__name__}")
     out = {}
     for key, value in data.items():
         if isinstance(value, str):
@@ -33,15 +34,17 @@ def _from_json(data, classes: list[str], path: Path) -> dict[str, str]:
               and all(isinstance(v, str) for v in value)):
             out[value[0]] = value[1]
         else:
-            raise ClassNameError(f"{path}: entry {key!r} must be a name or [dir, name], got {value!r}")
+            raise ClassNameError(f"{path}: entry {key!r} must be a name or [dir, name], "
+                                 f"got {value!r}")
     return out
 
 
 def _from_text(lines: list[str], classes: list[str], path: Path) -> dict[str, str]:
-    known = set(classes)
-    heads = [line.split(None, 1) for line in lines]
-    if heads and all(len(h) == 2 and h[0] in known for h in heads):     # synset mapping
-        return {h[0]: h[1].split(",")[0] for h in heads}
+    pairs = [line.split(None, 1) for line in lines]
+    if pairs and all(len(p) == 2 for p in pairs):                    # `<dir> <name>` lines
+        mapping = {p[0]: p[1].split(",")[0] for p in pairs}
+        if set(classes) <= set(mapping):
+            return mapping
     if len(lines) != len(classes):
         raise ClassNameError(
             f"{path}: neither a '<dir> <name>' mapping of the class directories nor one name "
@@ -57,7 +60,7 @@ def read_class_names(path: str | Path, classes: list[str]) -> list[str]:
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".json":
         try:
-            mapping = _from_json(json.loads(text), classes, p)
+            mapping = _from_json(json.loads(text), p)
         except json.JSONDecodeError as e:
             raise ClassNameError(f"{p}: not valid JSON ({e})") from None
     else:
