@@ -236,3 +236,24 @@ def test_inception_fid_is_torch_fidelity_standard_fid(tmp_path, monkeypatch):
     torch.save({"fc.weight": torch.zeros(1), "x": Path("/")}, evil)
     with pytest.raises(ValueError, match="not a plain weights file"):
         fidelity_metrics(fake, real, extractor="inception", inception_weights=str(evil))
+
+
+@pytest.mark.parametrize("preset, expected", [
+    ("imagenet256", {"pretrain": "imagefolder", "caption": "none", "vqa": "none",
+                     "zeroshot": "none", "fid": "imagefolder"}),
+    ("coco_t2i", {"pretrain": "coco", "caption": "coco", "vqa": "vqav2",
+                  "zeroshot": "imagefolder", "fid": "coco"}),
+    ("coco_ti", {"pretrain": "coco", "caption": "coco", "vqa": "vqav2",
+                 "zeroshot": "imagefolder", "fid": "coco"}),
+])
+def test_presets_name_every_role_in_the_official_layout(preset, expected):
+    from jetformer.config import source_configured
+    cfg = load_config(REPO / "params.yaml", overlays=["jetformer_b", preset])
+    assert {r: role_source(cfg.data, r) for r in ROLES} == expected
+    for source in set(expected.values()) - {"none"}:
+        assert source_configured(cfg.data, source)
+        section = getattr(cfg.data, source)
+        assert all(str(v).startswith("data/") for v in vars(section).values() if v), section
+    if "vqav2" in expected.values():   # VQAv2 is annotated on the COCO 2014 images
+        assert cfg.data.vqav2.val_images == cfg.data.coco.val_images == "data/coco/val2014"
+        assert cfg.data.vqav2.val_questions.endswith("v2_OpenEnded_mscoco_val2014_questions.json")
