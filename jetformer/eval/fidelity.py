@@ -2,9 +2,11 @@
 
 Two feature extractors (`eval.feature_extractor`):
   - `domain`: the judge's penultimate features (offline default for the shapes world);
-  - `inception`: torch-fidelity's Inception-v3 (ADM/FID convention, real sources). Its
-    weights come from `eval.inception_weights`, or torch's hub cache, or a download; when none
-    works the error says how to fix it.
+  - `inception`: torch-fidelity's Inception-v3 (ADM/FID convention, real sources), used as
+    torch-fidelity's standard FID (2048-d pool features). Its weights come from
+    `eval.inception_weights`, or torch's hub cache, or a download; when none works the error
+    says how to fix it.
+`auto` (`choose_extractor`) never downloads: without a meaningful extractor FID is unavailable.
 """
 from __future__ import annotations
 
