@@ -26,7 +26,8 @@ def _paths(*sources: str, class_names: bool = True) -> list[str]:
                     f"data.coco.{s}_annotations={FIX}/coco/annotations/captions_{s}2014.json"]
         if "vqav2" in sources:
             out += [f"data.vqav2.{s}_images={FIX}/coco/{s}2014",
-                    f"data.vqav2.{s}_questions={FIX}/vqav2/v2_OpenEnded_mscoco_{s}2014_questions.json",
+                    f"data.vqav2.{s}_questions="
+                    f"{FIX}/vqav2/v2_OpenEnded_mscoco_{s}2014_questions.json",
                     f"data.vqav2.{s}_annotations={FIX}/vqav2/v2_mscoco_{s}2014_annotations.json"]
         if "imagefolder" in sources:
             out.append(f"data.imagefolder.{s}_images={FIX}/imagefolder/{s}")

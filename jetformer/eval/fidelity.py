@@ -50,7 +50,8 @@ def local_inception_weights(configured: str = "") -> str:
     "" when there is none; never downloads."""
     if configured:
         if not Path(configured).is_file():
-            raise FileNotFoundError(f"eval.inception_weights: Inception weights not found at {configured!r}")
+            raise FileNotFoundError(
+                f"eval.inception_weights: Inception weights not found at {configured!r}")
         return configured
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     return str(cached) if cached.is_file() else ""
@@ -66,10 +67,12 @@ def choose_extractor(setting: str, source: str, judge_reason: str,
         return "inception", ""
     if setting == "domain":
         if judge_reason:
-            return None, f"eval.feature_extractor=domain but there is no domain judge ({judge_reason})"
+            return None, (f"eval.feature_extractor=domain but there is no domain judge "
+                          f"({judge_reason})")
         return "domain", ""
     if setting != "auto":
-        raise ValueError(f"eval.feature_extractor must be auto, domain or inception, got {setting!r}")
+        raise ValueError(f"eval.feature_extractor must be auto, domain or inception, "
+                         f"got {setting!r}")
     if source == "synthetic" and not judge_reason:
         return "domain", ""
     if local_inception_weights(inception_weights):
@@ -144,7 +147,8 @@ def _check_state_dict(path: str) -> None:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - a pickle with code, or a broken file
-        raise ValueError(f"eval.inception_weights: {path} is not a plain weights file ({e})") from None
+        raise ValueError(f"eval.inception_weights: {path} is not a plain weights file "
+                         f"({e})") from None
     if not isinstance(blob, dict) or "fc.weight" not in blob:
         raise ValueError(f"eval.inception_weights: {path} is not torch-fidelity's Inception "
                          f"state dict (expected {INCEPTION_FILE})")

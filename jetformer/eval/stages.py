@@ -26,7 +26,8 @@ def _splits(cfg: Config, *names: str) -> list[ArrowImageDataset]:
     return [ArrowImageDataset(cfg.data.prepared_dir, s) for s in names]
 
 
-def _role_splits(cfg: Config, role: str, *names: str) -> tuple[list[ArrowImageDataset] | None, dict]:
+def _role_splits(cfg: Config, role: str, *names: str
+                 ) -> tuple[list[ArrowImageDataset] | None, dict]:
     """(splits of `role`'s prepared data or None when the role has no source, its role.json)."""
     from jetformer.config import role_prepared_dir
     from jetformer.data.roles import read_role, role_data_dir
@@ -221,7 +222,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
         if kind == "t2i":
             asked = [t2i_asked(a) for a in s["attributes"]]
         else:
-            asked = [class_asked(y, s["classes"], judge.vocab if judge else ()) for y in s["labels"]]
+            heads = judge.vocab if judge else ()
+            asked = [class_asked(y, s["classes"], heads) for y in s["labels"]]
         if judge is None or not any(asked):
             why = (f"no domain judge ({judge_reason})" if judge is None
                    else "the reference set has no attributes the judge reads for these prompts")
@@ -277,7 +279,8 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
     if not info["skipped"]:
         tokenizer = _text_tokenizer(mcfg, cfg)
         t0 = time.time()
-        curve = finetune(model, mcfg, splits[0], tokenizer, task=task, steps=cfg.eval.finetune_steps,
+        curve = finetune(model, mcfg, splits[0], tokenizer, task=task,
+                         steps=cfg.eval.finetune_steps,
                          lr=cfg.eval.finetune_lr, batch_size=mcfg.train.batch_size, seed=cfg.seed,
                          log=lambda s: print(s, flush=True))
         info.update(steps=len(curve), seconds=time.time() - t0,
@@ -315,7 +318,8 @@ def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metr
     """What `evaluate_<task>` writes when its fine-tune was skipped: null metrics with the reason,
     an empty predictions CSV (with the columns its DVC plot reads)."""
     result = {metric: None, f"baseline_{metric}": None, f"{task}_skipped": info["skipped"],
-              f"{metric}_unavailable": info["skipped"], f"baseline_{metric}_unavailable": info["skipped"]}
+              f"{metric}_unavailable": info["skipped"],
+              f"baseline_{metric}_unavailable": info["skipped"]}
     write_json(metrics, result)
     write_csv(Path(plots) / f"{task}_predictions.csv", [], fields=["index", score_column])
     print(f"evaluate_{task}: skipped ({info['skipped']})")
