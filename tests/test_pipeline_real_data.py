@@ -32,6 +32,7 @@ REAL_DATA = {"data": {
     "imagefolder": {"train_images": f"{FIX}/imagefolder/train",
                     "val_images": f"{FIX}/imagefolder/val",
                     "class_names": f"{FIX}/imagefolder/LOC_synset_mapping.txt"}},
+    "train": {"num_workers": 1},          # two training images; the shapes smoke test has two
     "eval": {"zeroshot_prompts": ["a photo of a {}"]}}
 
 
