@@ -2,12 +2,11 @@
 completion, the text -> image -> text round trip, and their CLI commands."""
 import math
 
-import numpy as np
 import pytest
 import torch
+from conftest import make_tiny_cfg, randomize_
 from PIL import Image
 
-from conftest import make_tiny_cfg, randomize_
 from jetformer.cli import main
 from jetformer.data.tokenizer import train_tokenizer
 from jetformer.inspect.complete import complete
@@ -19,7 +18,8 @@ from jetformer.models.jetformer import JetFormer
 from jetformer.noise import PIXEL_SCALE
 from jetformer.train.checkpoint import export_model
 
-FACTORINGS = [("post_flow",), ("learnable_w",), ("none", "model.factored_dims=12"), ("no_flow", "model.factored_dims=12")]
+FACTORINGS = [("post_flow",), ("learnable_w",), ("none", "model.factored_dims=12"),
+              ("no_flow", "model.factored_dims=12")]
 TEXTS = ["a red circle", "a blue square on the left", "a green triangle in the center", "red",
          "blue", "a small yellow circle", "two shapes"] * 4
 
@@ -231,8 +231,8 @@ def test_cli_nll_map_manipulate_complete(checkpoint, tmp_path, capsys):
     d, paths = checkpoint
     ck = str(d / "ck")
     assert main(["nll", "--checkpoint", ck, *paths, "--map", str(tmp_path / "map.png")]) == 0
-    out = capsys.readouterr().out
-    assert "bits/dim" in out and "gmm" in out and "map.png" in out
+    out_map = capsys.readouterr().out
+    assert "bits/dim" in out_map and "gmm" in out_map and "map.png" in out_map
     assert Image.open(tmp_path / "map.png").size[0] > 100
     assert main(["manipulate", "--checkpoint", ck, paths[0], "--out",
                  str(tmp_path / "man.png")]) == 0
@@ -248,5 +248,9 @@ def test_cli_nll_map_manipulate_complete(checkpoint, tmp_path, capsys):
     assert main(["manipulate", "--checkpoint", ck, str(tmp_path / "missing.png")]) == 2
     assert "missing.png" in capsys.readouterr().err
     # the plain `nll` command is unchanged without --map
-    assert main(["nll", "--checkpoint", ck, paths[0]]) == 0
-    assert "gmm" not in capsys.readouterr().out
+    assert main(["nll", "--checkpoint", ck, *paths]) == 0
+    plain = capsys.readouterr().out
+    assert "gmm" not in plain
+    # and --map reports the very same bits/dim (same dequantisation stream)
+    bpd = lambda text: [line.split("\t")[1] for line in text.splitlines() if "\t" in line]
+    assert bpd(plain) == bpd(out_map)

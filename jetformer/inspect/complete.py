@@ -45,7 +45,8 @@ def kept_row_drift(decoded: torch.Tensor, images: torch.Tensor, rows: int) -> di
         z = torch.zeros(B, S, dtype=torch.float64)
         return {"mean_abs_px": z, "max_abs_px": z.clone(), "changed_frac": z.clone()}
     d = (decoded[:, :, :rows].double() - images[:, None, :rows].double()).abs().flatten(2)
-    return {"mean_abs_px": d.mean(2), "max_abs_px": d.amax(2), "changed_frac": (d > 0).double().mean(2)}
+    return {"mean_abs_px": d.mean(2), "max_abs_px": d.amax(2),
+            "changed_frac": (d > 0).double().mean(2)}
 
 
 @torch.no_grad()
@@ -68,7 +69,10 @@ def complete(model, images: torch.Tensor, keep_rows: int, *, text=None, text_mas
     B, S, N = images.shape[0], num_samples, model.num_image_tokens
     tokens_in, rest_in = encode_image(model, images)                        # [B, N, d], [B, N, r]
     kept = keep_rows * per_row
-    rep = lambda t: None if t is None else t.to(model.device).repeat_interleave(S, dim=0)  # noqa: E731
+
+    def rep(t):  # one row per sample, image-major
+        return None if t is None else t.to(model.device).repeat_interleave(S, dim=0)
+
     tokens = rep(tokens_in)                                                 # [B*S, N, d]
     g = torch.Generator(device=model.device).manual_seed(seed)
     with eval_mode(model):
@@ -81,8 +85,8 @@ def complete(model, images: torch.Tensor, keep_rows: int, *, text=None, text_mas
             uncond = None
             if cfg_scale > 0:
                 T = None if model.conditioning == "class" else cond[0].shape[1]
-                uncond = _with_kept(model, model._text_first_prefix(*model._unconditional(B * S, T)),
-                                    tokens[:, :kept])
+                uncond = model._text_first_prefix(*model._unconditional(B * S, T))
+                uncond = _with_kept(model, uncond, tokens[:, :kept])
             # the model's sampler draws N tokens after any prefix: the first N - kept are used
             drawn = model._sample_tokens(prefix, uncond, cfg_scale, temperature, g, True)
             tokens = torch.cat([tokens[:, :kept], drawn[:, :N - kept].float()], dim=1)

@@ -19,7 +19,8 @@ def check_images(images: torch.Tensor, resolution: int) -> None:
     """Raise ValueError unless `images` is uint8 [B, R, R, 3]."""
     if (not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4
             or tuple(images.shape[1:]) != (resolution, resolution, 3)):
-        got = (images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor) else type(images)
+        got = ((images.dtype, tuple(images.shape)) if isinstance(images, torch.Tensor)
+               else type(images))
         raise ValueError(f"expected uint8 images [B, {resolution}, {resolution}, 3], got {got}")
 
 

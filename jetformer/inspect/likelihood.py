@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from jetformer.models.gmm import gmm_nll
-from jetformer.models.jetformer import eval_mode
 from jetformer.models.jet import patchify
+from jetformer.models.jetformer import eval_mode
 from jetformer.noise import PIXEL_SCALE, bits_per_dim, to_model_space
 
 from .latents import check_images
@@ -107,13 +107,13 @@ def patch_nll(model, images: torch.Tensor, generator: torch.Generator | None = N
         gmm = gmm_nll(*model.gmm_head(out[:, T + 1: T + 1 + N]), tokens)             # [B, N]
         factored = model.codec.prior_nll(rest.reshape(B * N, 1, rest.shape[-1])).view(B, N)
         patch_logdet = _codec_patch_logdet(model.codec, x)
-    D_p = model.codec.token_dim
+    D_p, side = model.codec.token_dim, model.cfg.data.resolution // model.codec.patch_size
     parts = PatchNLL(gmm=gmm.double().cpu() / LN2, factored=factored.double().cpu() / LN2,
                      logdet=(-patch_logdet.double().cpu() / LN2 + D_p * math.log2(PIXEL_SCALE)),
                      total_bits=(total.double().cpu() / LN2
                                  + model.num_image_dims * math.log2(PIXEL_SCALE)),
                      bits_per_dim=bits_per_dim(total.double().cpu(), model.num_image_dims),
-                     patch_dims=D_p, grid=(model.cfg.data.resolution // model.codec.patch_size,) * 2)
+                     patch_dims=D_p, grid=(side, side))
     err = (parts.per_patch.sum(1) - parts.total_bits).abs()
     if bool((err > rtol * parts.total_bits.abs() + 1e-3).any()):
         raise RuntimeError(f"per-patch NLL does not sum to the model's total (max error "

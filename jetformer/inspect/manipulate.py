@@ -33,7 +33,8 @@ def swap_neighbours(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
 def manipulations(model, image: torch.Tensor, seed: int = 0,
                   noise_scales: tuple[float, ...] = NOISE_SCALES) -> list[tuple[str, torch.Tensor]]:
     """[(label, uint8 [H, W, 3])] for one uint8 image [H, W, 3]: (e) the unchanged latents
-    decoded, then (a)-(d) above ((a), (b) only when the model factors dims out). `seed` fixes the random draws of (b) and (d)."""
+    decoded, then (a)-(d) above ((a), (b) only when the model factors dims out). `seed` fixes
+    the random draws of (b) and (d)."""
     if not all(s > 0 for s in noise_scales):
         raise ValueError(f"noise scales must be > 0, got {list(noise_scales)}")
     if image.ndim != 3:

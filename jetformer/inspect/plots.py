@@ -83,6 +83,7 @@ def completion_cells(images: torch.Tensor, completion) -> list[list[tuple[str, t
             row.append((f"sample {s + 1}\nkept drift {mean:.2f} px", sample))
         diff = (completion.samples[i, 0].int() - img.int()).abs()
         diff[r:] = 0
-        row.append(("|sample 1 - input|\nx10, kept rows", (diff * 10).clamp(0, 255).to(torch.uint8)))
+        diff = (diff * 10).clamp(0, 255).to(torch.uint8)
+        row.append(("|sample 1 - input|\nx10, kept rows", diff))
         rows.append(row)
     return rows
