@@ -1,4 +1,5 @@
-"""DVC stage `inspect`: likelihood maps, latent manipulations and completions of a few val
+"""DVC stage `inspect` (not `inspect.py`: this directory is sys.path[0], it would shadow the
+standard library's `inspect` for every stage script): likelihood maps, latent manipulations and completions of a few val
 images (plots/inspect/), and the text -> image -> text round-trip consistency of the
 text-to-image samples (metrics/inspect.json); logged to the training's MLflow run."""
 import sys
