@@ -1,7 +1,8 @@
-"""DVC stage `inspect` (not `inspect.py`: this directory is sys.path[0], it would shadow the
-standard library's `inspect` for every stage script): likelihood maps, latent manipulations and completions of a few val
+"""DVC stage `inspect`: likelihood maps, latent manipulations and completions of a few val
 images (plots/inspect/), and the text -> image -> text round-trip consistency of the
-text-to-image samples (metrics/inspect.json); logged to the training's MLflow run."""
+text-to-image samples (metrics/inspect.json); logged to the training's MLflow run.
+(Not named inspect.py: this directory is sys.path[0] of every stage script, where such a file
+would shadow the standard library's `inspect`.)"""
 import sys
 
 from jetformer.inspect.stage import run_inspect
