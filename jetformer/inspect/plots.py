@@ -28,6 +28,7 @@ def _save(fig, path: str | Path, dpi: int = 100) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        os.chmod(tmp, 0o644)                        # mkstemp creates 0600
         os.replace(tmp, path)
     finally:
         plt.close(fig)
