@@ -151,6 +151,9 @@ def test_completion_keeps_tokens_and_is_deterministic():
     d = complete(model, images, keep_rows=2, text=text.flip(0), num_samples=3, cfg_scale=2.0,
                  seed=4)
     assert not torch.equal(a.tokens[:, :, 8:], d.tokens[:, :, 8:])    # text-conditioned
+    e = complete(model, images.flip(0), keep_rows=2, text=text, num_samples=3, cfg_scale=2.0,
+                 seed=4)
+    assert not torch.equal(a.tokens[:, :, 8:], e.tokens[:, :, 8:])    # kept rows condition
     # drift of the kept rows: measured, and explained by the flow (a randomised coupling net
     # attends to the completed patches)
     for k in ("mean_abs_px", "max_abs_px", "changed_frac"):
