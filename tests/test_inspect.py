@@ -257,3 +257,57 @@ def test_cli_nll_map_manipulate_complete(checkpoint, tmp_path, capsys):
     # and --map reports the very same bits/dim (same dequantisation stream)
     bpd = lambda text: [line.split("\t")[1] for line in text.splitlines() if "\t" in line]
     assert bpd(plain) == bpd(out_map)
+
+
+# ----------------------------------------------------------------------------- DVC stage
+def test_inspect_stage_writes_grids_and_metrics(tmp_path):
+    """run_inspect on a tiny exported model and a prepared synthetic world: the grids, the
+    metrics (round trip of real samples captioned by a real captioner) and the skip path."""
+    import json
+
+    from jetformer.data.prepare import prepare
+    from jetformer.eval.report import write_json
+    from jetformer.eval.sampling import sample_from_text
+    from jetformer.inspect.stage import run_inspect
+    from jetformer.train.checkpoint import atomic_torch_save
+
+    cfg = make_tiny_cfg(f"data.synthetic.out_dir={tmp_path / 'raw'}",
+                        f"data.prepared_dir={tmp_path / 'prepared'}", "data.synthetic.num_train=8",
+                        "data.synthetic.num_val=5", "data.synthetic.bad_files=false",
+                        "data.workers=1", f"train.out_dir={tmp_path / 'ck'}",
+                        f"tokenizer.out_path={tmp_path / 'tok.model'}", "eval.batch_size=4",
+                        "eval.max_decode_len=6", "eval.cfg_scale=1.0")
+    prepare(cfg)
+    tok = train_tokenizer(TEXTS, tmp_path / "tok.model", vocab_size=40)
+    torch.manual_seed(0)
+    model = randomize_(JetFormer(cfg, vocab_size=tok.vocab_size)).eval()
+    state = {"config": cfg.to_dict(), "vocab_size": tok.vocab_size, "num_classes": 0,
+             "pca": None, "step": 1, "model": model.state_dict(), "ema": None}
+    export_model(state, tmp_path / "ck")
+    export_model(state, tmp_path / "cap")
+    write_json(tmp_path / "cap" / "finetune.json", {"task": "caption", "skipped": ""})
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    images = sample_from_text(model, tok, prompts, max_text_len=8, cfg_scale=0.0,
+                              temperature=1.0, batch_size=4)
+    atomic_torch_save({"images": images, "prompts": prompts, "ids": [0, 1, 2], "attributes": [
+        {"objects": [{"shape": s, "color": c}]} for c, s in (p.split()[1:] for p in prompts)]},
+        tmp_path / "samples" / "t2i.pt")
+    paths = dict(plots=tmp_path / "plots" / "inspect", metrics=tmp_path / "m.json",
+                 samples=tmp_path / "samples", captioner=tmp_path / "cap",
+                 table=tmp_path / "plots" / "rt.csv")
+    result = run_inspect(cfg, **paths)
+    assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(result))
+    for name in ("likelihood", "manipulations", "completion", "roundtrip"):
+        assert (paths["plots"] / f"{name}.png").stat().st_size > 1000
+    assert result["inspect_flow_roundtrip_exact"] is True
+    assert result["inspect_num_images"] == 4 and result["completion_keep_rows"] == 2
+    parts = sum(result[f"inspect_{k}_bits_per_dim"] for k in ("gmm", "factored", "logdet"))
+    assert math.isclose(parts, result["inspect_total_bits_per_dim"], rel_tol=1e-6)
+    assert result["roundtrip_num"] == 3 and 0 <= result["roundtrip_attribute_recall"] <= 1
+    assert len((tmp_path / "plots" / "rt.csv").read_text().splitlines()) == 4
+    # no captioner: the round trip is skipped with the reason, the table removed
+    write_json(tmp_path / "cap" / "finetune.json", {"task": "caption",
+                                                    "skipped": "class-conditional model"})
+    result = run_inspect(cfg, **paths)
+    assert result["roundtrip_cider"] is None and "class-conditional" in result["roundtrip_skipped"]
+    assert not (tmp_path / "plots" / "rt.csv").exists()
