@@ -292,9 +292,9 @@ def test_inspect_stage_writes_grids_and_metrics(tmp_path):
     atomic_torch_save({"images": images, "prompts": prompts, "ids": [0, 1, 2], "attributes": [
         {"objects": [{"shape": s, "color": c}]} for c, s in (p.split()[1:] for p in prompts)]},
         tmp_path / "samples" / "t2i.pt")
-    paths = dict(plots=tmp_path / "plots" / "inspect", metrics=tmp_path / "m.json",
-                 samples=tmp_path / "samples", captioner=tmp_path / "cap",
-                 table=tmp_path / "plots" / "rt.csv")
+    paths = {"plots": tmp_path / "plots" / "inspect", "metrics": tmp_path / "m.json",
+             "samples": tmp_path / "samples", "captioner": tmp_path / "cap",
+             "table": tmp_path / "plots" / "rt.csv"}
     result = run_inspect(cfg, **paths)
     assert json.loads((tmp_path / "m.json").read_text()) == json.loads(json.dumps(result))
     for name in ("likelihood", "manipulations", "completion", "roundtrip"):
