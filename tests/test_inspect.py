@@ -224,7 +224,7 @@ def checkpoint(tmp_path_factory):
     export_model({"config": cfg.to_dict(), "vocab_size": tok.vocab_size, "num_classes": 0,
                   "pca": None, "step": 1, "model": model.state_dict(), "ema": None}, d / "ck")
     paths = []
-    for i, img in enumerate(_images(2, seed=9).numpy()):
+    for i, img in enumerate(_images(3, seed=9).numpy()):  # batches of 2 and 1
         paths.append(str(d / f"img{i}.png"))
         Image.fromarray(img).save(paths[-1])
     return d, paths
