@@ -1,4 +1,5 @@
-"""`python -m jetformer <command>`: info, sample, caption, answer, nll, ablate, sweep, compare.
+"""`python -m jetformer <command>`: info, sample, caption, answer, nll, manipulate, complete,
+ablate, sweep, compare.
 
 Argument parsing only; each command lives in the module that owns it (imported lazily so
 `info` does not start Ray or MLflow).
@@ -17,7 +18,11 @@ COMMANDS = {
     "sample": ("jetformer.eval.commands", "cli_sample", "sample images for a prompt or class"),
     "caption": ("jetformer.eval.commands", "cli_caption", "caption images"),
     "answer": ("jetformer.eval.commands", "cli_answer", "answer a question about an image"),
-    "nll": ("jetformer.eval.commands", "cli_nll", "bits/dim of images"),
+    "nll": ("jetformer.inspect.commands", "cli_nll", "bits/dim of images (--map: per patch)"),
+    "manipulate": ("jetformer.inspect.commands", "cli_manipulate",
+                   "re-decode an image's manipulated latents (paper App. D)"),
+    "complete": ("jetformer.inspect.commands", "cli_complete",
+                 "complete images from their first patch rows"),
     "ablate": ("jetformer.ablate", "cli_ablate", "run the Table 2 ablations at a preset"),
     "sweep": ("jetformer.tune", "cli_sweep", "Ray Tune sweep from a sweep-space file"),
     "compare": ("jetformer.compare", "cli_compare", "compare MLflow runs of an experiment"),
@@ -61,6 +66,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("nll", help=COMMANDS["nll"][2])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("images", nargs="+")
+    p.add_argument("--map", default=None, metavar="OUT.png",
+                   help="also draw bits/dim per patch (gmm, factored, log-det parts)")
+
+    p = sub.add_parser("manipulate", help=COMMANDS["manipulate"][2])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--out", default="manipulate.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.3, 1.0],
+                   help="noise scales of manipulation (d)")
+
+    p = sub.add_parser("complete", help=COMMANDS["complete"][2])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("images", nargs="+")
+    p.add_argument("--keep-rows", type=int, required=True, help="patch rows kept (K)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--prompt", default=None, help="text condition (text models)")
+    g.add_argument("--label", type=int, default=None, help="class condition (class models)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: eval.cfg_scale with a condition, else 0)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--num", type=int, default=4, help="completions per image")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="complete.png")
 
     p = sub.add_parser("ablate", help=COMMANDS["ablate"][2])
     _add_config_args(p)
