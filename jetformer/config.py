@@ -178,6 +178,10 @@ class EvalConfig:
     num_samples: int = 300          # generated images for FID/PR/KID and attribute accuracy
     cfg_scale: float = 2.0
     temperature: float = 0.95
+    # text-to-image sampling settings of the size (paper App. C / official T2I configs); the
+    # coco_t2i/coco_ti recipes set cfg_scale/temperature to these, so the size preset wins
+    t2i_cfg_scale: float = 9.0
+    t2i_temperature: float = 0.96
     batch_size: int = 50
     judge_steps: int = 300
     judge_min_accuracy: float = 0.95
