@@ -257,7 +257,8 @@ def test_pca_prior_draws_decode_to_training_image_statistics():
         sampled = from_model_space(codec.decode(tokens, generator=g)).double()
         unit = from_model_space(codec.decode(tokens, torch.randn(rest.shape, generator=g))).double()
     real = held.double()
-    rms = lambda t: t.square().mean().sqrt().item()                      # noqa: E731
+    def rms(t):
+        return t.square().mean().sqrt().item()
     mean_err = rms(sampled.mean(0) - real.mean(0))
     std_rel = rms(sampled.std(0) - real.std(0)) / rms(real.std(0))
     assert mean_err < 2.0, mean_err
