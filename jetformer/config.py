@@ -42,6 +42,7 @@ class SyntheticConfig:
     min_side: int = 40          # raw images have random sizes in [min_side, max_side] ...
     max_side: int = 96          # ... and random aspect ratios, so resize + crop matter
     bad_files: bool = True      # write a handful of deliberately bad files per split
+    world: str = "shapes"       # shapes (flat colours) | photo (photo-crop backgrounds/textures)
 
 
 @dataclass
@@ -246,6 +247,7 @@ class Config:
 
 VALID_CHOICES = {
     "data.source": ("synthetic", "imagefolder", "coco", "vqav2"),
+    "data.synthetic.world": ("shapes", "photo"),
     "model.factoring": ("post_flow", "learnable_w", "pca", "none", "no_flow"),
     "model.conditioning": ("text", "class"),
     "train.task": ("t2i", "i2t", "both", "class"),
