@@ -186,6 +186,8 @@ class EvalConfig:
     batch_size: int = 50
     judge_steps: int = 300
     judge_min_accuracy: float = 0.95
+    judge_path: str = ""             # domain judge of ablate/sweep ("" = models/judge.pt, the
+                                     # judge stage's output); e.g. a photo-world judge
     feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
     inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download
     finetune_steps: int = 200        # captioning / VQA fine-tuning
