@@ -100,8 +100,8 @@ def ablation_config(name: str, params="params.yaml", presets=(), sets=(), seed: 
              f"mlflow.run_name=ablation-{name}-seed{seed}",
              f"mlflow.experiment={base.mlflow.experiment}{ABLATION_EXPERIMENT_SUFFIX}",
              # the ablations' own PCA: the fit_pca stage's output stays DVC's
-             f"pca.out_path=models/ablations/pca_{base.hash(('data',), 6)}"
-             f"_p{base.model.patch_size}.pt"]
+             (f"pca.out_path=models/ablations/pca_{base.hash(('data',), 6)}"
+              f"_p{base.model.patch_size}.pt")]
     overlays = list(presets) + ([] if name == "baseline" else [name])
     return load_config(params, overlays=overlays, overrides=list(sets) + extra)
 
@@ -166,11 +166,16 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     shape and colour; class: shape) that the judge sees in the sample. Also the chance level
     of that accuracy (`attribute_chance`: 1 / number of values of each asked attribute)."""
     import torch
+
     from jetformer.data.dataset import ArrowImageDataset
     from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
     from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
     from jetformer.eval.judge import load_judge
-    from jetformer.eval.sampling import caption_prompts, sample_from_labels, sample_from_text
+    from jetformer.eval.sampling import (
+        caption_prompts,
+        sample_from_labels,
+        sample_from_text,
+    )
     from jetformer.train.checkpoint import load_trained
 
     model, mcfg = load_trained(checkpoint)
@@ -258,9 +263,9 @@ def run_point(config: dict, ctx: dict) -> None:
     """One Tune trial = one (row, seed): train, evaluate, log the child run, write the result."""
     import torch
 
-    from jetformer.compare import atomic_write_text
     from jetformer.train import checkpoint as ckpt
     from jetformer.train import tracking
+    from jetformer.train.checkpoint import atomic_write_bytes
     from jetformer.train.launch import CSV_COLUMNS
     from jetformer.train.loop import train_loop
 
@@ -296,7 +301,8 @@ def run_point(config: dict, ctx: dict) -> None:
     result = {"row": point["row"], "seed": point["seed"], "config_hash": point["hash"],
               "steps": int(final["step"]), "run_id": run_id, "metrics": metrics,
               "wall_time_s": round(time.time() - t0, 1)}
-    atomic_write_text(Path(point["result"]), json.dumps(result, indent=1, sort_keys=True) + "\n")
+    atomic_write_bytes(Path(point["result"]),
+                       (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
     tracking.end_run(cfg, run_id, "FINISHED")
     from ray import tune
     tune.report({k: v for k, v in metrics.items()
@@ -306,6 +312,7 @@ def run_point(config: dict, ctx: dict) -> None:
 def _child_run(cfg: Config, ctx: dict, point: dict) -> str:
     """The point's MLflow run, a child of the table's parent run (`parent_run_id` tag)."""
     from mlflow.entities import Param, RunTag
+
     from jetformer.train import tracking
     cl = tracking.client(cfg)
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "mlflow.runName": cfg.mlflow.run_name,
@@ -483,8 +490,8 @@ def plan(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
 
 def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:
     """The table's parent MLflow run, one per base config (reopened by a rerun)."""
-    from jetformer.compare import atomic_write_text
     from jetformer.train import tracking
+    from jetformer.train.checkpoint import atomic_write_bytes
     cl = tracking.client(cfg)
     exp_id = tracking.experiment_id(cl, cfg)
     state_file = storage / f"ablations-{base_hash}.mlflow.json"
@@ -494,12 +501,12 @@ def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:
             if cl.get_run(state["parent_run_id"]).info.lifecycle_stage == "active":
                 cl.update_run(state["parent_run_id"], status="RUNNING")
                 return state
-        except Exception:   # deleted or another tracking store: start a new parent
-            pass
+        except Exception as e:  # noqa: BLE001 - deleted, or another store: a new parent
+            print(f"ablate: parent run {state.get('parent_run_id')} not reusable ({e})")
     run = cl.create_run(exp_id, run_name=f"ablations-{base_hash}",
                         tags={ROLE_TAG: "ablations", **tracking.run_tags(cfg, base_hash)})
     state = {"parent_run_id": run.info.run_id, "experiment_id": exp_id}
-    atomic_write_text(state_file, json.dumps(state, indent=2))
+    atomic_write_bytes(state_file, json.dumps(state, indent=2).encode())
     return state
 
 
@@ -531,6 +538,7 @@ def run_ablations(params="params.yaml", presets=(), sets=(), only=(), seeds: int
 def _fit(cfg: Config, points: dict, pending: list[str], state: dict, storage: Path,
          base_hash: str) -> None:
     from ray import tune
+
     from jetformer.tune import _init_ray
     ctx = {"cwd": os.getcwd(), "cpus_per_trial": cfg.tune.cpus_per_trial,
            "points": {k: points[k] for k in pending}, **state}
@@ -575,7 +583,7 @@ def collect(points: dict) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]
 def write_tables(points: dict, base: Config, presets, sets, seeds: int, out_dir,
                  state: dict | None = None) -> list[dict]:
     """ablations.md / .csv from the result files (and to the parent MLflow run)."""
-    from jetformer.compare import atomic_write_text
+    from jetformer.train.checkpoint import atomic_write_bytes
     metrics, full = collect(points)
     rows = table_rows(metrics)
     steps = sorted({r["steps"] for rs in full.values() for r in rs})
@@ -599,8 +607,8 @@ def write_tables(points: dict, base: Config, presets, sets, seeds: int, out_dir,
               f"baseline's attribute accuracy >= {MIN_BASELINE_ACCURACY} and an FID change "
               f"beyond {SIGNIFICANCE:g} standard errors.")
     out = Path(out_dir)
-    atomic_write_text(out / "ablations.csv", to_csv(rows))
-    atomic_write_text(out / "ablations.md", to_markdown(rows, header))
+    atomic_write_bytes(out / "ablations.csv", to_csv(rows).encode())
+    atomic_write_bytes(out / "ablations.md", to_markdown(rows, header).encode())
     if state is not None:
         from jetformer.train import tracking
         for f in ("ablations.csv", "ablations.md"):

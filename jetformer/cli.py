@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--parent-run", default="", help="only children of this run (a sweep)")
+    p.add_argument("--sigma-plots", action="store_true",
+                   help="also FID and bits/dim vs sigma0 with spread, and Figure 3 (a noise "
+                        "sweep's --parent-run)")
     p.add_argument("--out-dir", default="experiments/results")
     return parser
 

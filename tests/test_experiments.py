@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jetformer.config import (ABLATIONS_DIR, PRESETS_DIR, REPO_ROOT, Config, ConfigError,
-                              load_config, load_config_dict)
+from jetformer.config import (
+    ABLATIONS_DIR,
+    PRESETS_DIR,
+    REPO_ROOT,
+    Config,
+    ConfigError,
+    load_config,
+    load_config_dict,
+)
 
 PARAMS = REPO_ROOT / "params.yaml"
 ABLATIONS = sorted(p.stem for p in ABLATIONS_DIR.glob("*.yaml"))
@@ -266,6 +273,7 @@ def test_ablation_resume_skips_points_measured_with_the_same_settings(tmp_path):
     """A result file with the point's config hash counts as measured; a changed setting (or a
     corrupt file) makes the point pending again; the table is built from the files."""
     import json
+
     from jetformer.ablate import collect, plan, read_result, write_tables
     from jetformer.config import load_config as lc
     points = plan(PARAMS, ["tiny", "class_conditional"], only=["no_flow"], seeds=2,
@@ -298,8 +306,9 @@ def test_ablate_micro_budget_end_to_end(tmp_path, monkeypatch):
     one parent; a rerun measures nothing again."""
     import ray
     from mlflow.tracking import MlflowClient
-    from jetformer.ablate import run_ablations
     from test_tune import build_micro_project
+
+    from jetformer.ablate import run_ablations
     params = build_micro_project(tmp_path, "train.steps=4", "train.num_workers=1",
                                  "train.checkpoint_every=4", "pca.num_images=20")
     monkeypatch.chdir(tmp_path)
@@ -333,3 +342,68 @@ def test_ablate_micro_budget_end_to_end(tmp_path, monkeypatch):
         == {("baseline", "0"), ("baseline", "1"), ("pca", "0"), ("pca", "1")}
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
     assert len(cl.get_metric_history(children[0].info.run_id, "loss")) >= 1
+
+
+# ----------------------------------------------------------------------------- sigma0 plots
+def _log_noise_sweep(uri: str):
+    """A parent run and 6 finished children (sigma0 0 / 16 / 64 x 2 seeds) with final metrics
+    and per-step histories, as a noise sweep logs them; plus one unfinished child."""
+    from mlflow.tracking import MlflowClient
+    cl = MlflowClient(tracking_uri=uri)
+    exp = cl.create_experiment("noise")
+    parent = cl.create_run(exp, run_name="sweep-noise-x", tags={"jetformer.role": "sweep"})
+    pid = parent.info.run_id
+    final = {}
+    for s0 in (0.0, 16.0, 64.0):
+        for seed in (0, 1):
+            run = cl.create_run(exp, run_name=f"s{s0}-{seed}",
+                                tags={"mlflow.parentRunId": pid})
+            rid = run.info.run_id
+            cl.log_param(rid, "train.noise.sigma0", str(s0))
+            cl.log_param(rid, "train.seed", str(seed))
+            fid = 50.0 - 0.3 * s0 + 0.005 * s0 ** 2 + 2.0 * seed     # a U-curve + seed noise
+            bpd = 4.0 + 0.002 * s0 + 0.1 * seed
+            for step in (5, 10):
+                sigma = s0 * (1 - step / 10)
+                cl.log_metric(rid, "bits_per_dim", bpd + sigma / 100, step=step)
+                cl.log_metric(rid, "sigma_rgb", sigma, step=step)
+                cl.log_metric(rid, "val_fid", fid + (10 - step), step=step)
+                cl.log_metric(rid, "val_bits_per_dim", bpd + (10 - step) / 10, step=step)
+            cl.set_terminated(rid, "FINISHED")
+            final.setdefault(s0, []).append((fid, bpd))
+    cl.create_run(exp, run_name="running", tags={"mlflow.parentRunId": pid})   # left out
+    return cl, pid, final
+
+
+def test_sigma0_plots_from_mlflow_runs_with_spread(tmp_path):
+    from jetformer.cli import main
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl, pid, final = _log_noise_sweep(uri)
+    assert main(["compare", "--experiment", "noise", "--tracking-uri", uri, "--parent-run",
+                 pid, "--sigma-plots", "--out-dir", str(tmp_path / "res")]) == 0
+    out = tmp_path / "res" / "sweeps" / "sweep-noise-x"
+    with open(out / "noise_sigma0.csv") as f:
+        rows = {float(r["sigma0"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [0.0, 16.0, 64.0]
+    for s0, vals in final.items():
+        fids = [v[0] for v in vals]
+        assert int(rows[s0]["runs"]) == 2 and int(rows[s0]["fid_n"]) == 2
+        assert float(rows[s0]["fid_mean"]) == pytest.approx(sum(fids) / 2)
+        assert float(rows[s0]["fid_std"]) == pytest.approx(abs(fids[0] - fids[1]) / math.sqrt(2))
+        assert float(rows[s0]["bits_per_dim_mean"]) == pytest.approx(sum(v[1] for v in vals) / 2)
+    for png in ("noise_sigma0.png", "figure3.png"):
+        assert (out / png).stat().st_size > 5000
+    logged = {a.path for a in cl.list_artifacts(pid, "plots")}
+    assert logged == {"plots/noise_sigma0.csv", "plots/noise_sigma0.png", "plots/figure3.png"}
+
+
+def test_sigma0_plots_fail_clearly(tmp_path):
+    from jetformer.experiment_plots import make_plots
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, pid, _ = _log_noise_sweep(uri)
+    with pytest.raises(ValueError, match="--parent-run"):
+        make_plots("noise", uri, "", tmp_path)
+    with pytest.raises(ValueError, match="'nope' not found"):
+        make_plots("nope", uri, pid, tmp_path)
+    with pytest.raises(ValueError, match="no finished child runs"):
+        make_plots("noise", uri, "0" * 32, tmp_path)

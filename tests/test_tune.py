@@ -201,6 +201,13 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
     with open(root / "results" / "micro" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
 
+    # the sigma0 plots and Figure 3 are drawn from these MLflow runs
+    from jetformer.experiment_plots import make_plots
+    plots = make_plots("microtest", f"sqlite:///{root / 'mlflow.db'}", res["parent_run_id"],
+                       root / "results")
+    assert [r["sigma0"] for r in plots["rows"]] == [0.0, 4.0] and plots["fid_key"] == "val_fid"
+    assert all(f.is_file() for f in plots["files"]) and len(plots["files"]) == 3
+
     # the second call restored the finished sweep: same Tune experiment and parent, no new runs
     assert again["sweep_id"] == res["sweep_id"] and again["parent_run_id"] == res["parent_run_id"]
     assert len(cl.search_runs([res["experiment_id"]],
