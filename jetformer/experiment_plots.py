@@ -151,7 +151,7 @@ def plot_figure3(client, df, path: Path, bpd_key: str = "bits_per_dim") -> tuple
         for ax, key in ((ax_b, bpd_key), (ax_f, fid_key)):
             steps, mean, mn, mx = _band(_histories(client, ids, key))
             if steps:
-                ax.plot(steps, mean, color=colour, label=label)
+                ax.plot(steps, mean, color=colour, label=label, marker="o", markersize=3)
                 ax.fill_between(steps, mn, mx, color=colour, alpha=0.2)
         steps, mean, _, _ = _band(_histories(client, ids, "sigma_rgb"))
         if steps:
