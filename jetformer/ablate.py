@@ -481,8 +481,8 @@ def plan(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
                 continue
             d = absolute_paths(cfg, root).to_dict()
             d["eval"]["judge_path"] = str(judge_file(cfg))        # absolute, for the trials
-            cfg = load_config(d)
-            points[point_key(name, seed)] = {
+            load_config(d)
+            points[point_key(name, seed)] = {   # hash of the relative paths: any checkout
                 "row": name, "seed": seed, "config": d, "hash": cfg.hash(),
                 "result": str(result_path(out_dir, name, seed).resolve())}
     return points

@@ -407,3 +407,17 @@ def test_sigma0_plots_fail_clearly(tmp_path):
         make_plots("nope", uri, pid, tmp_path)
     with pytest.raises(ValueError, match="no finished child runs"):
         make_plots("noise", uri, "0" * 32, tmp_path)
+
+
+def test_ablation_point_hash_does_not_depend_on_the_checkout(tmp_path, monkeypatch):
+    """Result files measured in one checkout count in another (paths in the hash are relative)."""
+    import shutil
+    from jetformer.ablate import plan
+    here = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    other = tmp_path / "checkout"
+    other.mkdir()
+    shutil.copy(REPO_ROOT / "dvc.yaml", other / "dvc.yaml")
+    monkeypatch.chdir(other)
+    there = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    assert {k: p["hash"] for k, p in here.items()} == {k: p["hash"] for k, p in there.items()}
+    assert here["no_flow/seed0"]["config"] != there["no_flow/seed0"]["config"]   # absolute paths
