@@ -45,6 +45,7 @@ CHANCE_MARGIN = 0.10       # attribute accuracy below chance + this = "at chance
 MIN_BASELINE_ACCURACY = 0.7  # the baseline must have learnt its conditioning (issue 16)
 PNG_FACTOR = 1.5           # bits/dim above PNG x this = "far above PNG"
 SIGNIFICANCE = 2.0         # |effect| must exceed this many standard errors
+UNHASHED = ("mlflow", "tune")  # where runs are logged and how many at once: not the result
 
 
 @dataclass(frozen=True)
@@ -483,9 +484,14 @@ def plan(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
             d["eval"]["judge_path"] = str(judge_file(cfg))        # absolute, for the trials
             load_config(d)
             points[point_key(name, seed)] = {   # hash of the relative paths: any checkout
-                "row": name, "seed": seed, "config": d, "hash": cfg.hash(),
+                "row": name, "seed": seed, "config": d, "hash": settings_hash(cfg),
                 "result": str(result_path(out_dir, name, seed).resolve())}
     return points
+
+
+def settings_hash(cfg: Config) -> str:
+    """What makes a measurement: every section but UNHASHED."""
+    return cfg.hash(tuple(k for k in cfg.to_dict() if k not in UNHASHED))
 
 
 def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:

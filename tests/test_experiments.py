@@ -421,3 +421,12 @@ def test_ablation_point_hash_does_not_depend_on_the_checkout(tmp_path, monkeypat
     there = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
     assert {k: p["hash"] for k, p in here.items()} == {k: p["hash"] for k, p in there.items()}
     assert here["no_flow/seed0"]["config"] != there["no_flow/seed0"]["config"]   # absolute paths
+
+
+def test_ablation_point_hash_ignores_tracking_and_parallelism():
+    from jetformer.ablate import plan
+    a = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    b = plan(PARAMS, ["tiny"], sets=["tune.max_concurrent_trials=4",
+                                     "mlflow.tracking_uri=sqlite:///x.db"], only=["no_flow"], seeds=1)
+    c = plan(PARAMS, ["tiny"], sets=["train.lr=1e-4"], only=["no_flow"], seeds=1)
+    assert a["no_flow/seed0"]["hash"] == b["no_flow/seed0"]["hash"] != c["no_flow/seed0"]["hash"]
