@@ -4,6 +4,9 @@
 
 * The sweep-space file names the keys to search (any numeric or choice key of params.yaml),
   grid or random, the metric and ASHA early stopping, and fixed overrides that size the budget.
+  ASHA's grace period must reach the end of every trial's noise curriculum (checked: before it
+  a high-sigma0 trial is worse by construction). `seed` / `train.seed` in the space are repeats:
+  the best setting is chosen by its mean over them and `best.yaml` leaves them out.
 * Each trial is one process (`tune.with_resources`, `tune.cpus_per_trial` / `gpus_per_trial`,
   at most `tune.max_concurrent_trials` at once) that calls the same `train_loop` as the
   pipeline with world_size 1. At every checkpoint step the loop reports val bits/dim; the
