@@ -110,7 +110,8 @@ def ablation_config(name: str, params="params.yaml", presets=(), sets=(), seed: 
 def not_applicable(cfg: Config, name: str) -> str:
     """Why a row cannot run on this base ("" when it can)."""
     if name == "one_class_token" and cfg.model.conditioning != "class":
-        return "class tokens exist only in class-conditional models (add --preset class_conditional)"
+        return ("class tokens exist only in class-conditional models "
+                "(add --preset class_conditional)")
     return ""
 
 
