@@ -1,54 +1,87 @@
-"""`python -m jetformer ablate --preset tiny [--set train.steps=N] [--only NAME]`: the paper's
-Table 2 ablations, each trained and evaluated like the pipeline's own model.
+"""`python -m jetformer ablate --preset table2 [--seeds 2] [--set k=v] [--only NAME] [--fresh]`:
+the paper's Table 2 ablations, each row trained with several seeds and evaluated like the
+pipeline's own model, with a verdict per row.
 
-Every row is the base config (params + presets + --set) with one overlay from
-`experiments/ablations/` (the baseline has none). Each is trained by the pipeline's
-`run_training` (Ray Train, MLflow run `ablation-<name>` in the experiment `<mlflow.experiment>-
-ablations`, checkpoint under `models/ablations/<name>/`) and evaluated by the evaluation's own
-functions: samples with CFG for the first `eval.num_samples` val classes/captions, FID /
-precision / recall / KID against as many val images through torch-fidelity (the domain judge on
-the shapes world), the judge's attribute accuracy of the samples, and held-out val bits/dim.
-A finished row is not trained again when the command is rerun (run_training resumes/reuses).
+* A point is (row, seed): the base config (params + presets + --set) with the row's overlay
+  from `experiments/ablations/` (the baseline has none) and `seed = train.seed = k`.
+* Points run in parallel as one Ray Tune grid (FIFO, no early stopping; at most
+  `tune.max_concurrent_trials` at once, `tune.cpus_per_trial` each). Tune rather than queued
+  DVC experiments: a DVC experiment reruns the whole pipeline per row (its evaluation stages
+  included) in its own workspace copy, serially unless the queue gets its own workers, and knows
+  nothing of seeds or of Ray; the Tune grid reuses the sweep machinery, puts every point in the
+  same Ray cluster and logs each as a child MLflow run of one parent.
+* Each trial calls the pipeline's `train_loop` (world size 1) and the evaluation's functions
+  (samples with CFG for the first `eval.num_samples` val labels/captions; FID / precision /
+  recall / KID through the domain judge on the shapes worlds; the judge's attribute accuracy of
+  the samples; held-out val bits/dim given the class and unconditional), then writes
+  `<out>/ablations/<row>/seed<k>.json` atomically with the point's config hash.
+* Resume row by row: a point whose result file holds the same config hash is not run again
+  (`--fresh` reruns all). Rerun the command after an interruption; finished points are kept.
+* Verdicts (`verdict`): a variant that fails a sanity check the baseline passes is `broken`;
+  with a baseline that has not learnt its conditioning every row is `inconclusive`; else the
+  FID change against the baseline is compared with its standard error over the seeds:
+  `inconclusive` within 2 SE, else `reproduced` / `contradicted` by the paper's direction, and
+  the text states the effect, the spread and the paper's wording.
 
-Writes `experiments/results/ablations.md` and `.csv`: the measured metrics, the change against
-the baseline, the paper's direction for that row and whether this run shows it.
+Writes `experiments/results/ablations.md` and `.csv` (mean, std and seeds per metric).
 """
 from __future__ import annotations
 
 import csv
 import io
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from jetformer.config import ABLATIONS_DIR, Config, ConfigError, load_config
+from jetformer.config import ABLATIONS_DIR, Config, ConfigError, deep_merge, load_config
 
 ABLATION_EXPERIMENT_SUFFIX = "-ablations"
+ROW_TAG, SEED_TAG, ROLE_TAG = "jetformer.ablation", "jetformer.seed", "jetformer.role"
+# sanity checks and verdict thresholds
+CHANCE_MARGIN = 0.10       # attribute accuracy below chance + this = "at chance"
+MIN_BASELINE_ACCURACY = 0.7  # the baseline must have learnt its conditioning (issue 16)
+PNG_FACTOR = 1.5           # bits/dim above PNG x this = "far above PNG"
+SIGNIFICANCE = 2.0         # |effect| must exceed this many standard errors
+UNHASHED = ("mlflow", "tune")  # where runs are logged and how many at once: not the result
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    what: str             # Table 2 row
-    paper: str            # the paper's finding (ImageNet 256, class-conditional, 100 epochs)
+    what: str               # Table 2 row
+    paper: str              # the paper's wording (ImageNet 256, class-conditional, 100 epochs)
     fid_worse: bool | None  # the paper's direction for FID against the baseline (None: reference)
+    size: str = ""          # the paper's magnitude: catastrophic | large | moderate | slight
 
 
 ROWS = (
-    Row("baseline", "JetFormer: post-flow factoring, noise curriculum, K mixtures", "reference", None),
-    Row("no_flow", "no normalizing flow (raw patches)", "catastrophic loss of quality", True),
-    Row("no_curriculum", "no RGB noise curriculum", "much worse FID", True),
-    Row("no_factoring", "no factoring (all 3p² dims modelled)", "worse FID", True),
-    Row("two_stage", "flow pretrained alone, then frozen", "lower sample quality", True),
-    Row("learnable_w", "factoring with a learnable W before the flow", "worse than post-flow factoring", True),
-    Row("pca", "PCA factoring (frozen W from PCA)", "somewhat worse FID", True),
+    Row("baseline", "JetFormer: post-flow factoring, noise curriculum, K mixtures", "reference",
+        None),
+    Row("no_flow", "no normalizing flow (raw patches)", "catastrophic loss of quality", True,
+        "catastrophic"),
+    Row("no_curriculum", "no RGB noise curriculum", "much worse FID", True, "large"),
+    Row("no_factoring", "no factoring (all 3p² dims modelled)", "quality loss", True,
+        "moderate"),
+    Row("two_stage", "flow pretrained alone, then frozen", "lower sample quality", True,
+        "moderate"),
+    Row("learnable_w", "factoring with a learnable W before the flow",
+        "underperforms post-flow factoring", True, "moderate"),
+    Row("pca", "PCA factoring (frozen W from PCA)", "somewhat worse", True, "moderate"),
     Row("pca_no_curriculum", "PCA factoring, no noise curriculum",
-        "worse than PCA, but the curriculum matters less than without PCA", True),
-    Row("one_mixture", "1 GMM component", "mild FID drop, significant recall drop", True),
-    Row("one_class_token", "1 class token instead of 16", "slight FID drop", True),
+        "worse than PCA, but the curriculum matters less than without PCA", True, "moderate"),
+    Row("one_mixture", "1 GMM component", "relatively mild drop, significant recall drop", True,
+        "slight"),
+    Row("one_class_token", "1 class token instead of 16", "slight performance drop", True,
+        "slight"),
 )
-METRICS = ("fid", "precision", "recall", "kid", "attribute_accuracy", "val_bits_per_dim")
+# the relative FID change each wording of the paper allows (lower, upper bound)
+SIZES = {"catastrophic": (1.0, math.inf), "large": (0.3, math.inf), "moderate": (0.0, 1.0),
+         "slight": (0.0, 0.3)}
+METRICS = ("fid", "precision", "recall", "kid", "attribute_accuracy", "val_bits_per_dim",
+           "val_uncond_bits_per_dim")
 
 
 def row_names() -> list[str]:
@@ -59,13 +92,17 @@ def row_names() -> list[str]:
     return names
 
 
-def ablation_config(name: str, params="params.yaml", presets=(), sets=()) -> Config:
-    """Base + the row's overlay, with its own checkpoint dir, PCA file and MLflow run name."""
+def ablation_config(name: str, params="params.yaml", presets=(), sets=(), seed: int = 0
+                    ) -> Config:
+    """Base + the row's overlay + the seed, with its own checkpoint dir, PCA file and run name."""
     base = load_config(params, overlays=list(presets), overrides=list(sets))
-    extra = [f"train.out_dir=models/ablations/{name}", f"mlflow.run_name=ablation-{name}",
+    extra = [f"seed={seed}", f"train.seed={seed}",
+             f"train.out_dir=models/ablations/{name}/seed{seed}",
+             f"mlflow.run_name=ablation-{name}-seed{seed}",
              f"mlflow.experiment={base.mlflow.experiment}{ABLATION_EXPERIMENT_SUFFIX}",
              # the ablations' own PCA: the fit_pca stage's output stays DVC's
-             f"pca.out_path=models/ablations/pca_p{base.model.patch_size}.pt"]
+             (f"pca.out_path=models/ablations/pca_{base.hash(('data',), 6)}"
+              f"_p{base.model.patch_size}.pt")]
     overlays = list(presets) + ([] if name == "baseline" else [name])
     return load_config(params, overlays=overlays, overrides=list(sets) + extra)
 
@@ -73,25 +110,45 @@ def ablation_config(name: str, params="params.yaml", presets=(), sets=()) -> Con
 def not_applicable(cfg: Config, name: str) -> str:
     """Why a row cannot run on this base ("" when it can)."""
     if name == "one_class_token" and cfg.model.conditioning != "class":
-        return "class tokens exist only in class-conditional models (add --preset class_conditional)"
+        return ("class tokens exist only in class-conditional models "
+                "(add --preset class_conditional)")
     return ""
 
 
-def check_inputs(cfg: Config) -> None:
-    """Fail before any training when a stage the rows need has not run."""
-    from jetformer.eval.fidelity import resolve_extractor
+def judge_file(cfg: Config) -> Path:
     from jetformer.tune import judge_path
-    if not (Path(cfg.data.prepared_dir) / "metadata.json").is_file():
-        raise FileNotFoundError(f"prepared data not found in {cfg.data.prepared_dir} (run `dvc repro prepare`)")
+    return Path(judge_path(cfg))
+
+
+def ensure_inputs(cfg: Config) -> None:
+    """The data and judge the rows need: prepared (and the judge trained with the judge stage's
+    function) when missing for a synthetic world; other sources must have run their stages."""
+    from jetformer.eval.fidelity import resolve_extractor
+    prepared = Path(cfg.data.prepared_dir) / "metadata.json"
+    if not prepared.is_file():
+        if cfg.data.source != "synthetic":
+            raise FileNotFoundError(f"prepared data not found in {cfg.data.prepared_dir} "
+                                    "(run `dvc repro prepare`)")
+        from jetformer.data.prepare import prepare
+        print(f"ablate: preparing the {cfg.data.synthetic.world} world -> "
+              f"{cfg.data.prepared_dir}", flush=True)
+        prepare(cfg)
     if cfg.model.conditioning == "text" and not Path(cfg.tokenizer.out_path).is_file():
-        raise FileNotFoundError(f"tokenizer not found: {cfg.tokenizer.out_path} (run `dvc repro tokenizer`)")
+        raise FileNotFoundError(f"tokenizer not found: {cfg.tokenizer.out_path} "
+                                "(run `dvc repro tokenizer`)")
     if resolve_extractor(cfg.eval.feature_extractor, cfg.data.source) == "domain" \
-            and not Path(judge_path(cfg)).is_file():
-        raise FileNotFoundError(f"judge weights not found: {judge_path(cfg)} (run `dvc repro judge`)")
+            and not judge_file(cfg).is_file():
+        if cfg.data.source != "synthetic":
+            raise FileNotFoundError(f"judge weights not found: {judge_file(cfg)} "
+                                    "(run `dvc repro judge`)")
+        from jetformer.eval.stages import run_judge
+        out = judge_file(cfg)
+        print(f"ablate: training the judge -> {out}", flush=True)
+        run_judge(cfg, out=out, metrics=out.with_suffix(".json"))
 
 
 def ensure_pca(cfg: Config) -> None:
-    """Fit the PCA the pca rows need with the fit_pca stage's functions, once per patch size."""
+    """Fit the PCA the pca rows need with the fit_pca stage's functions, once per data/patch."""
     from jetformer.data.pca import save_pca
     from jetformer.data.stages import fit_train_pca
     out = Path(cfg.pca.out_path)
@@ -108,76 +165,267 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     do: samples with CFG (eval.cfg_scale, eval.temperature) for the first eval.num_samples val
     captions (text models) or labels (class models); FID / precision / recall / KID against all
     val images; attribute accuracy = mean fraction of the asked attributes (caption: main
-    shape and colour; class: shape) that the judge sees in the sample."""
+    shape and colour; class: shape) that the judge sees in the sample. Also the chance level
+    of that accuracy (`attribute_chance`: 1 / number of values of each asked attribute)."""
     import torch
+
     from jetformer.data.dataset import ArrowImageDataset
     from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
     from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
     from jetformer.eval.judge import load_judge
-    from jetformer.eval.sampling import caption_prompts, sample_from_labels, sample_from_text
+    from jetformer.eval.sampling import (
+        caption_prompts,
+        sample_from_labels,
+        sample_from_text,
+    )
     from jetformer.train.checkpoint import load_trained
-    from jetformer.tune import judge_path
 
     model, mcfg = load_trained(checkpoint)
     e = cfg.eval
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n = min(e.num_samples, len(val))
     items = [val[i] for i in range(n)]
-    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
+    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
+                  seed=cfg.seed)
     if mcfg.model.conditioning == "class":
         fake = sample_from_labels(model, [int(it["label"]) for it in items], **common)
     else:
         from jetformer.data.tokenizer import TextTokenizer
-        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path), caption_prompts(items, cfg.seed),
+        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path),
+                                caption_prompts(items, cfg.seed),
                                 max_text_len=mcfg.tokenizer.max_text_len, **common)
     extractor = resolve_extractor(e.feature_extractor, cfg.data.source)
-    jp = judge_path(cfg) if extractor == "domain" else None
+    jp = str(judge_file(cfg)) if extractor == "domain" else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = fidelity_metrics(fake, val.images(), extractor=extractor, judge_path=jp,
                            inception_weights=e.inception_weights, batch_size=e.batch_size,
                            device=device, seed=cfg.seed)
     out.pop("kid_std", None)
-    out["attribute_accuracy"] = float("nan")
+    out["attribute_accuracy"] = out["attribute_chance"] = float("nan")
     if jp is not None:
-        pred = load_judge(jp).predict(fake)
+        judge = load_judge(jp)
+        pred = judge.predict(fake)
         if mcfg.model.conditioning == "class":   # in the judge's terms: the shape, else the label
             asked = [class_asked(int(it["label"]), val.classes, pred) for it in items]
         else:
             asked = [t2i_asked(it["attributes"]) for it in items]
         # only what the judge can see (a source without scene attributes has no shape/colour heads)
-        acc, _ = attribute_accuracy(pred, [a if all(h in pred for h in a) else {} for a in asked])
+        asked = [a if all(h in pred for h in a) else {} for a in asked]
+        acc, _ = attribute_accuracy(pred, asked)
         out["attribute_accuracy"] = acc
+        heads = [h for a in asked for h in a]
+        if heads:
+            out["attribute_chance"] = sum(1.0 / len(judge.vocab[h]) for h in heads) / len(heads)
     out["num_samples"] = n
     return out
 
 
-# ----------------------------------------------------------------------------- the table
-def table_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per ablation: metrics, FID change against the baseline, the paper's direction
-    and whether this run shows it."""
-    base = results.get("baseline", {})
+def heldout_nll(cfg: Config, checkpoint: str | Path) -> dict:
+    """Val bits/dim given the class (`val_bits_per_dim`) and unconditional
+    (`val_uncond_bits_per_dim`) on `eval.num_nll_images` val images, and PNG's on the same."""
+    from jetformer.data.dataset import ArrowImageDataset
+    from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
+    from jetformer.train.checkpoint import load_trained
+    model, mcfg = load_trained(checkpoint)
+    val = ArrowImageDataset(cfg.data.prepared_dir, "val")
+    n = min(cfg.eval.num_nll_images or len(val), len(val))
+    images = val.images(range(n))
+    cond = {}
+    if model.conditioning == "class":
+        cond = {"labels": val.labels()[:n]}
+    elif model.conditioning == "text":
+        from jetformer.data.tokenizer import TextTokenizer
+        first = [(c or [""])[0] for c in val.column("captions")[:n]]
+        cond = dict(zip(("text", "text_mask"), TextTokenizer(mcfg.tokenizer.out_path)
+                        .encode_batch(first, mcfg.tokenizer.max_text_len)))
+    kw = {"batch_size": cfg.eval.batch_size, "seed": cfg.seed}
+    return {"val_bits_per_dim": heldout_bits_per_dim(model, images, **kw, **cond).mean().item(),
+            "val_uncond_bits_per_dim": heldout_bits_per_dim(model, images, **kw).mean().item(),
+            "png_bits_per_dim": png_bits_per_dim(images).mean().item()}
+
+
+# ----------------------------------------------------------------------------- one point
+def point_key(name: str, seed: int) -> str:
+    return f"{name}/seed{seed}"
+
+
+def result_path(out_dir: str | Path, name: str, seed: int) -> Path:
+    return Path(out_dir) / "ablations" / name / f"seed{seed}.json"
+
+
+def read_result(path: Path) -> dict | None:
+    """A point's result file, or None when missing or unreadable (then it is run again)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_point(config: dict, ctx: dict) -> None:
+    """One Tune trial = one (row, seed): train, evaluate, log the child run, write the result."""
+    import torch
+
+    from jetformer.train import checkpoint as ckpt
+    from jetformer.train import tracking
+    from jetformer.train.checkpoint import atomic_write_bytes
+    from jetformer.train.launch import CSV_COLUMNS
+    from jetformer.train.loop import train_loop
+
+    os.chdir(ctx["cwd"])
+    torch.set_num_threads(max(1, int(ctx["cpus_per_trial"])))
+    point = ctx["points"][config["point"]]
+    cfg = load_config(point["config"])
+    t0 = time.time()
+    run_id = _child_run(cfg, ctx, point)
+    out_dir = Path(cfg.train.out_dir)
+
+    def progress(row: dict) -> None:
+        if "event" not in row:
+            tracking.log_metrics(cfg, run_id, {k: v for k, v in row.items()
+                                               if k in CSV_COLUMNS and k != "step"},
+                                 int(row["step"]))
+        elif row["event"] == "val":
+            tracking.log_metrics(cfg, run_id, {k: v for k, v in row.items()
+                                               if k.startswith("val_")}, int(row["step"]))
+
+    def reporter(metrics: dict, checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None and metrics.get("done"):
+            ckpt.export_model(ckpt.load_state(checkpoint_dir), out_dir)
+
+    try:
+        final = train_loop(cfg, rank=0, world_size=1, reporter=reporter, progress=progress)
+        metrics = {**evaluate_generation(cfg, out_dir), **heldout_nll(cfg, out_dir)}
+        metrics["train_val_bits_per_dim"] = final.get("val_bits_per_dim")
+        tracking.log_metrics(cfg, run_id, metrics, int(final["step"]))
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
+    result = {"row": point["row"], "seed": point["seed"], "config_hash": point["hash"],
+              "steps": int(final["step"]), "run_id": run_id, "metrics": metrics,
+              "wall_time_s": round(time.time() - t0, 1)}
+    atomic_write_bytes(Path(point["result"]),
+                       (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
+    tracking.end_run(cfg, run_id, "FINISHED")
+    from ray import tune
+    tune.report({k: v for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and math.isfinite(v)})
+
+
+def _child_run(cfg: Config, ctx: dict, point: dict) -> str:
+    """The point's MLflow run, a child of the table's parent run (`parent_run_id` tag)."""
+    from mlflow.entities import Param, RunTag
+
+    from jetformer.train import tracking
+    cl = tracking.client(cfg)
+    tags = {"mlflow.parentRunId": ctx["parent_run_id"], "mlflow.runName": cfg.mlflow.run_name,
+            ROW_TAG: point["row"], SEED_TAG: str(point["seed"]),
+            **tracking.run_tags(cfg, point["hash"])}
+    run = cl.create_run(ctx["experiment_id"], run_name=cfg.mlflow.run_name,
+                        tags={k: str(v) for k, v in tags.items()})
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+              for k, v in sorted(cfg.flat().items())]
+    for i in range(0, len(params), 100):
+        cl.log_batch(run.info.run_id, params=params[i:i + 100])
+    cl.log_batch(run.info.run_id, tags=[RunTag(ROLE_TAG, "ablation-row")])
+    return run.info.run_id
+
+
+# ----------------------------------------------------------------------------- statistics
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std (n - 1; NaN for one value), n) of the finite values."""
+    v = [float(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+    if not v:
+        return math.nan, math.nan, 0
+    m = sum(v) / len(v)
+    s = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else math.nan
+    return m, s, len(v)
+
+
+def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
+    """{row: {metric: (mean, std, n)}, ...} from each row's per-seed metric dicts."""
+    keys = (*METRICS, "png_bits_per_dim", "attribute_chance")
+    return {row: {k: mean_std([r.get(k) for r in runs]) for k in keys}
+            for row, runs in results.items()}
+
+
+def sanity_failures(stats: dict, base: dict) -> list[str]:
+    """Sanity checks a variant fails while the baseline passes them."""
+    out = []
+    chance = stats["attribute_chance"][0]
+    acc, bacc = stats["attribute_accuracy"][0], base["attribute_accuracy"][0]
+    if math.isfinite(chance) and math.isfinite(acc) and math.isfinite(bacc) \
+            and acc < chance + CHANCE_MARGIN <= bacc:
+        out.append(f"sample attribute accuracy {acc:.3f} is at chance ({chance:.3f}) while the "
+                   f"baseline's is {bacc:.3f}")
+    png = stats["png_bits_per_dim"][0]
+    bpd, bbpd = stats["val_bits_per_dim"][0], base["val_bits_per_dim"][0]
+    if math.isfinite(png) and math.isfinite(bpd) and math.isfinite(bbpd) \
+            and bpd > PNG_FACTOR * png >= bbpd:
+        out.append(f"val bits/dim {bpd:.3f} is far above PNG's {png:.3f} (> {PNG_FACTOR}x) while "
+                   f"the baseline's is {bbpd:.3f}")
+    return out
+
+
+def verdict(row: Row, stats: dict, base: dict) -> tuple[str, str]:
+    """(verdict, text) of one row against the baseline (module docstring)."""
+    if row.fid_worse is None:
+        return "reference", ""
+    bacc = base["attribute_accuracy"][0]
+    broken = sanity_failures(stats, base)
+    if broken:
+        return "broken", "; ".join(broken) + ": not a reproduction, whatever its FID"
+    if not (math.isfinite(bacc) and bacc >= MIN_BASELINE_ACCURACY):
+        return "inconclusive", (f"the baseline's class-prompt attribute accuracy {bacc:.3f} < "
+                                f"{MIN_BASELINE_ACCURACY}: it has not learnt its conditioning at "
+                                "this budget (raise train.steps)")
+    (m, s, n), (bm, bs, bn) = stats["fid"], base["fid"]
+    if not (math.isfinite(m) and math.isfinite(bm)):
+        return "inconclusive", "FID missing"
+    effect, rel = m - bm, (m - bm) / bm if bm else math.nan
+    if n < 2 or bn < 2:
+        return "inconclusive", (f"FID {effect:+.3g} ({rel:+.0%}) vs the baseline with "
+                                f"{n}+{bn} seeds: no spread to judge it by (use --seeds >= 2)")
+    se = math.sqrt(s ** 2 / n + bs ** 2 / bn)
+    ratio = abs(effect) / se if se > 0 else math.inf
+    text = (f"FID {m:.3g} vs baseline {bm:.3g}: {effect:+.3g} ({rel:+.0%}), {ratio:.1f}x its "
+            f"standard error {se:.3g} ({n}+{bn} seeds); paper: \"{row.paper}\"")
+    if ratio <= SIGNIFICANCE:
+        return "inconclusive", text + f" (within {SIGNIFICANCE:g} SE)"
+    if (effect > 0) != row.fid_worse:
+        return "contradicted", text
+    lo, hi = SIZES.get(row.size, (-math.inf, math.inf))
+    if math.isfinite(rel) and not lo <= rel <= hi:
+        text += (f"; the size differs from the paper's wording ({row.size}: "
+                 f"{lo:+.0%}..{hi:+.0%})")
+    return "reproduced", text
+
+
+def table_rows(results: dict[str, list[dict]]) -> list[dict]:
+    """One row per ablation with mean/std/n per metric, the FID change and the verdict."""
+    stats = summarise(results)
+    base = stats.get("baseline")
     rows = []
     for r in ROWS:
-        res = results.get(r.name)
-        if res is None:
+        if r.name not in stats:
             continue
-        row = {"ablation": r.name, "what": r.what, "status": res.get("status", ""),
-               "steps": res.get("steps"), **{m: res.get(m) for m in METRICS},
-               "paper": r.paper}
-        fid, bfid = res.get("fid"), base.get("fid")
-        if r.fid_worse is None or not _finite(fid) or not _finite(bfid):
-            row["fid_vs_baseline"], row["paper_direction_reproduced"] = None, "n/a"
-        else:
-            row["fid_vs_baseline"] = fid - bfid
-            row["paper_direction_reproduced"] = "yes" if (fid > bfid) == r.fid_worse else "no"
-        row["wall_time_s"] = res.get("wall_time_s")
-        row["note"] = res.get("note", "")
+        st = stats[r.name]
+        row = {"ablation": r.name, "what": r.what, "seeds": st["fid"][2] or
+               max(v[2] for v in st.values())}
+        for k in METRICS:
+            row[k], row[f"{k}_std"] = st[k][0], st[k][1]
+        row["png_bits_per_dim"] = st["png_bits_per_dim"][0]
+        row["fid_vs_baseline"] = (st["fid"][0] - base["fid"][0]) if base and r.fid_worse \
+            is not None else None
+        row["paper"] = r.paper
+        row["verdict"], row["verdict_text"] = verdict(r, st, base) if base else ("n/a", "")
         rows.append(row)
     return rows
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def to_csv(rows: list[dict]) -> str:
@@ -186,109 +434,202 @@ def to_csv(rows: list[dict]) -> str:
     w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: ("" if v is None else repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+        w.writerow({k: (repr(v) if math.isfinite(v) else "") if isinstance(v, float)
+                    else ("" if v is None else v) for k, v in r.items()})
     return buf.getvalue()
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
-    cols = ["ablation", "status", "steps", *METRICS, "fid_vs_baseline", "paper", "paper_direction_reproduced"]
-    fmt = lambda v: "" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+    shown = ("fid", "precision", "recall", "attribute_accuracy", "val_bits_per_dim",
+             "val_uncond_bits_per_dim")
+    cols = ["ablation", "seeds", *shown, "verdict"]
+
+    def cell(r, c):
+        if c in shown:
+            m, s = r.get(c), r.get(f"{c}_std")
+            return _fmt(m) + (f" ± {_fmt(s)}" if _fmt(s) else "")
+        return _fmt(r.get(c))
     lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
-    notes = [f"- `{r['ablation']}`: {r['note']}" for r in rows if r.get("note")]
-    if notes:
-        lines += ["", "Notes:", *notes]
-    done = [r for r in rows if r["paper_direction_reproduced"] in ("yes", "no")]
-    if done:
-        yes = sum(r["paper_direction_reproduced"] == "yes" for r in done)
-        lines += ["", f"The paper's FID direction shows in {yes} of {len(done)} rows at this scale. "
-                  "One seed per row and a few hundred samples: differences of a few FID points are "
-                  "within run-to-run noise, so a 'no' (or a 'yes') here is weak evidence either way."]
+    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+    lines += ["", "Mean ± sample standard deviation over the seeds. Verdicts:", ""]
+    lines += [f"- `{r['ablation']}` **{r['verdict']}**: {r['verdict_text']}"
+              for r in rows if r.get("verdict_text")]
+    counts = {v: sum(r["verdict"] == v for r in rows)
+              for v in ("reproduced", "contradicted", "inconclusive", "broken")}
+    lines += ["", "Summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
-def run_ablations(params="params.yaml", presets=(), sets=(), only=(), out_dir="experiments/results") -> list[dict]:
-    """Run the baseline and the ablations (`only` a subset), write the tables; returns the rows."""
+# ----------------------------------------------------------------------------- driver
+def plan(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
+         out_dir="experiments/results") -> dict[str, dict]:
+    """{point key: {row, seed, config (dict, absolute paths), hash, result}} for every point
+    (n/a rows left out), validated before anything runs."""
+    from jetformer.train.launch import absolute_paths
+    from jetformer.train.tracking import project_root
     names = row_names()
     unknown = sorted(set(only) - set(names))
     if unknown:
         raise ConfigError(f"unknown ablation(s) {unknown}; known: {names}")
+    if seeds < 1:
+        raise ConfigError(f"ablate: --seeds must be >= 1, got {seeds}")
     todo = [n for n in names if not only or n in only or n == "baseline"]
-    cfgs = {n: ablation_config(n, params, presets, sets) for n in todo}   # all validate first
-    check_inputs(cfgs["baseline"])
-    out = Path(out_dir)
-    results: dict[str, dict] = {}
-    base = cfgs["baseline"]
-    started = _init_ray(base)      # one Ray for all rows (run_training reuses it)
+    root = project_root()
+    points = {}
+    for name in todo:
+        for seed in range(seeds):
+            cfg = ablation_config(name, params, presets, sets, seed)
+            if not_applicable(cfg, name):
+                continue
+            d = absolute_paths(cfg, root).to_dict()
+            d["eval"]["judge_path"] = str(judge_file(cfg))        # absolute, for the trials
+            load_config(d)
+            points[point_key(name, seed)] = {   # hash of the relative paths: any checkout
+                "row": name, "seed": seed, "config": d, "hash": settings_hash(cfg),
+                "result": str(result_path(out_dir, name, seed).resolve())}
+    return points
+
+
+def settings_hash(cfg: Config) -> str:
+    """What makes a measurement: every section but UNHASHED."""
+    return cfg.hash(tuple(k for k in cfg.to_dict() if k not in UNHASHED))
+
+
+def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:
+    """The table's parent MLflow run, one per base config (reopened by a rerun)."""
+    from jetformer.train import tracking
+    from jetformer.train.checkpoint import atomic_write_bytes
+    cl = tracking.client(cfg)
+    exp_id = tracking.experiment_id(cl, cfg)
+    state_file = storage / f"ablations-{base_hash}.mlflow.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        try:
+            if cl.get_run(state["parent_run_id"]).info.lifecycle_stage == "active":
+                cl.update_run(state["parent_run_id"], status="RUNNING")
+                return state
+        except Exception as e:  # noqa: BLE001 - deleted, or another store: a new parent
+            print(f"ablate: parent run {state.get('parent_run_id')} not reusable ({e})")
+    run = cl.create_run(exp_id, run_name=f"ablations-{base_hash}",
+                        tags={ROLE_TAG: "ablations", **tracking.run_tags(cfg, base_hash)})
+    state = {"parent_run_id": run.info.run_id, "experiment_id": exp_id}
+    atomic_write_bytes(state_file, json.dumps(state, indent=2).encode())
+    return state
+
+
+def run_ablations(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
+                  fresh: bool = False, out_dir="experiments/results") -> list[dict]:
+    """Run every (row, seed) not measured yet with the same settings, then write the tables;
+    returns the table rows."""
+    points = plan(params, presets, sets, only, seeds, out_dir)
+    base_cfg = load_config(next(p["config"] for p in points.values() if p["row"] == "baseline"))
+    ensure_inputs(base_cfg)
+    for p in points.values():
+        cfg = load_config(p["config"])
+        if cfg.model.factoring == "pca":
+            ensure_pca(cfg)
+    pending = [k for k, p in points.items() if fresh or (read_result(Path(p["result"])) or {})
+               .get("config_hash") != p["hash"]]
+    print(f"ablate: {len(points)} points ({len(points) - len(pending)} already measured with "
+          f"the same settings), {len(pending)} to run", flush=True)
+    base_hash = load_config(deep_merge(base_cfg.to_dict(), {"seed": 0, "train": {"seed": 0}})
+                            ).hash()
+    storage = Path(base_cfg.tune.storage_dir).resolve()
+    state = _parent_run(base_cfg, base_hash, storage)
+    if pending:
+        _fit(base_cfg, points, pending, state, storage, base_hash)
+    rows = write_tables(points, base_cfg, presets, sets, seeds, out_dir, state)
+    return rows
+
+
+def _fit(cfg: Config, points: dict, pending: list[str], state: dict, storage: Path,
+         base_hash: str) -> None:
+    from ray import tune
+
+    from jetformer.tune import _init_ray
+    ctx = {"cwd": os.getcwd(), "cpus_per_trial": cfg.tune.cpus_per_trial,
+           "points": {k: points[k] for k in pending}, **state}
+    resources = {"cpu": cfg.tune.cpus_per_trial}
+    if cfg.tune.gpus_per_trial:
+        resources["gpu"] = cfg.tune.gpus_per_trial
+    started = _init_ray(cfg)
     try:
-        for name in todo:
-            _run_row(name, cfgs[name], results, out)
-            _write_table(results, base, presets, sets, out)
+        trainable = tune.with_resources(tune.with_parameters(run_point, ctx=ctx), resources)
+        tuner = tune.Tuner(
+            trainable, param_space={"point": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                                        trial_name_creator=lambda t: t.config["point"]
+                                        .replace("/", "-"),
+                                        trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(name=f"ablations-{base_hash}-{int(time.time())}",
+                                      storage_path=str(storage), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        results = tuner.fit()
     finally:
         if started:
             import ray
             ray.shutdown()
-    return table_rows(results)
+    errors = [r for r in results if r.error]
+    for r in errors:
+        print(f"ablate: {r.config.get('point')} failed: {str(r.error).splitlines()[0]}",
+              flush=True)
 
 
-def _init_ray(cfg: Config) -> bool:
-    import logging
-    import os
-    import ray
-    if ray.is_initialized():
-        return False
-    address = cfg.train.ray_address or os.environ.get("RAY_ADDRESS") or None
-    if address is None:
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(address=address, include_dashboard=False if address is None else None,
-             log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    return True
+def collect(points: dict) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """({row: [metrics of each measured seed]}, {row: [result dicts]}) of points whose result
+    matches their current settings."""
+    metrics, full = {}, {}
+    for p in points.values():
+        res = read_result(Path(p["result"]))
+        if res and res.get("config_hash") == p["hash"]:
+            metrics.setdefault(p["row"], []).append(res["metrics"])
+            full.setdefault(p["row"], []).append(res)
+    return metrics, full
 
 
-def _run_row(name: str, cfg: Config, results: dict, out: Path) -> None:
-    """Train (pipeline's run_training) and evaluate one row; record its metrics in `results`."""
-    from jetformer.train import tracking
-    from jetformer.train.launch import run_training
-    why = not_applicable(cfg, name)
-    if why:
-        results[name] = {"status": "n/a", "note": why}
-        return
-    print(f"ablate: {name} ({cfg.train.steps} steps)", flush=True)
-    t0 = time.time()
-    if cfg.model.factoring == "pca":
-        ensure_pca(cfg)
-    run_dir = out / "ablations" / name
-    train = run_training(cfg, metrics_path=run_dir / "train.json", curves_path=run_dir / "train.csv",
-                         samples_dir=run_dir / "samples")
-    ev = evaluate_generation(cfg, train["checkpoint"])
-    tracking.log_metrics(cfg, train["run_id"], ev, train["steps"])
-    results[name] = {"status": "done", "steps": train["steps"],
-                     "val_bits_per_dim": train["val_bits_per_dim"], **ev,
-                     "wall_time_s": round(time.time() - t0, 1), "run_id": train["run_id"]}
-
-
-def _write_table(results: dict, base: Config, presets, sets, out: Path) -> None:
-    """ablations.md / .csv, rewritten after every row so a long run shows its progress."""
-    from jetformer.compare import atomic_write_text
-    rows = table_rows(results)
+def write_tables(points: dict, base: Config, presets, sets, seeds: int, out_dir,
+                 state: dict | None = None) -> list[dict]:
+    """ablations.md / .csv from the result files (and to the parent MLflow run)."""
+    from jetformer.train.checkpoint import atomic_write_bytes
+    metrics, full = collect(points)
+    rows = table_rows(metrics)
+    steps = sorted({r["steps"] for rs in full.values() for r in rs})
+    wall = sum(r.get("wall_time_s", 0) for rs in full.values() for r in rs)
+    t = base.train
     header = (f"# Table 2 ablations at the `{'+'.join(presets) or 'params.yaml'}` scale\n\n"
-              f"Base: {base.train.steps} steps at batch {base.train.batch_size}, "
-              f"{base.data.resolution}px, task `{base.train.task}`, σ0 {base.train.noise.sigma0} → "
-              f"{base.train.noise.sigma_final}; {base.eval.num_samples} samples per row (CFG "
-              f"{base.eval.cfg_scale}, temperature {base.eval.temperature}); extra settings: "
-              f"{list(sets) or 'none'}. The paper's rows are ImageNet 256 px, 100 epochs "
-              f"(Table 2); this is a {base.train.steps}-step run on the `{base.data.source}` data. "
-              f"MLflow experiment `{base.mlflow.experiment}`.")
-    atomic_write_text(out / "ablations.csv", to_csv(rows))
-    atomic_write_text(out / "ablations.md", to_markdown(rows, header))
+              f"Base: {t.steps} updates (measured: {steps}) at batch {t.batch_size}, "
+              f"{base.data.resolution} px, `{base.data.source}` data"
+              + (f" (`{base.data.synthetic.world}` world)" if base.data.source == "synthetic"
+                 else "")
+              + f", task `{t.task}`, σ0 {t.noise.sigma0} → {t.noise.sigma_final}; "
+              f"{seeds} seed(s) per row (seed = train.seed = 0..{seeds - 1}); "
+              f"{base.eval.num_samples} samples per run (CFG {base.eval.cfg_scale}, temperature "
+              f"{base.eval.temperature}); extra settings: {list(sets) or 'none'}; "
+              f"{wall / 3600:.1f} CPU-trial hours in all. The paper's rows are ImageNet 256 px, "
+              f"100 epochs (Table 2). MLflow experiment `{base.mlflow.experiment}`"
+              + (f", parent run `{state['parent_run_id']}`" if state else "") + ".\n\n"
+              f"Sanity checks: a variant is *broken* when its samples' attribute accuracy is "
+              f"below chance + {CHANCE_MARGIN} while the baseline's is not, or its bits/dim "
+              f"exceed {PNG_FACTOR}x PNG's while the baseline's do not. Verdicts need the "
+              f"baseline's attribute accuracy >= {MIN_BASELINE_ACCURACY} and an FID change "
+              f"beyond {SIGNIFICANCE:g} standard errors.")
+    out = Path(out_dir)
+    atomic_write_bytes(out / "ablations.csv", to_csv(rows).encode())
+    atomic_write_bytes(out / "ablations.md", to_markdown(rows, header).encode())
+    if state is not None:
+        from jetformer.train import tracking
+        for f in ("ablations.csv", "ablations.md"):
+            tracking.log_artifact(base, state["parent_run_id"], out / f)
+        tracking.end_run(base, state["parent_run_id"])
+    return rows
 
 
 def cli_ablate(args) -> int:
-    rows = run_ablations(args.params, args.preset, args.set, args.only, args.out_dir)
+    rows = run_ablations(args.params, args.preset, args.set, args.only,
+                         getattr(args, "seeds", 2), getattr(args, "fresh", False), args.out_dir)
     for r in rows:
-        print(f"{r['ablation']:18s} {r['status']:5s} fid {r.get('fid')} bpd {r.get('val_bits_per_dim')} "
-              f"paper: {r['paper']} -> reproduced: {r['paper_direction_reproduced']}")
+        print(f"{r['ablation']:18s} seeds {r['seeds']} fid {_fmt(r.get('fid'))} ± "
+              f"{_fmt(r.get('fid_std'))} bpd {_fmt(r.get('val_bits_per_dim'))} -> "
+              f"{r['verdict']}")
     print(f"table: {Path(args.out_dir) / 'ablations.md'}")
     return 0

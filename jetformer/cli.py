@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help=COMMANDS["ablate"][2])
     _add_config_args(p)
     p.add_argument("--only", action="append", default=[], help="run only these ablations")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per row (seed = train.seed = k)")
+    p.add_argument("--fresh", action="store_true", help="rerun rows already measured")
     p.add_argument("--out-dir", default="experiments/results")
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][2])
@@ -105,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--parent-run", default="", help="only children of this run (a sweep)")
+    p.add_argument("--sigma-plots", action="store_true",
+                   help="also FID and bits/dim vs sigma0 with spread, and Figure 3 (a noise "
+                        "sweep's --parent-run)")
     p.add_argument("--out-dir", default="experiments/results")
     return parser
 

@@ -239,6 +239,12 @@ def compare(experiment: str, tracking_uri: str = "", parent_run: str = "",
 
 
 def cli_compare(args) -> int:
+    if getattr(args, "sigma_plots", False):   # sigma0 curve + Figure 3 of a noise sweep
+        from jetformer.experiment_plots import make_plots
+        res = make_plots(args.experiment, args.tracking_uri or default_tracking_uri(),
+                         args.parent_run, args.out_dir)
+        for path in res["files"]:
+            print(f"{'sigma0':10s} {path}")
     written = compare(args.experiment, args.tracking_uri, args.parent_run, args.out_dir)
     for kind, path in written.items():
         print(f"{kind:10s} {path}")

@@ -42,6 +42,7 @@ class SyntheticConfig:
     min_side: int = 40          # raw images have random sizes in [min_side, max_side] ...
     max_side: int = 96          # ... and random aspect ratios, so resize + crop matter
     bad_files: bool = True      # write a handful of deliberately bad files per split
+    world: str = "shapes"       # shapes (flat colours) | photo (photo-crop backgrounds/textures)
 
 
 @dataclass
@@ -211,9 +212,15 @@ class EvalConfig:
     num_samples: int = 300          # generated images for FID/PR/KID and attribute accuracy
     cfg_scale: float = 2.0
     temperature: float = 0.95
+    # text-to-image sampling settings of the size (paper App. C / official T2I configs); the
+    # coco_t2i/coco_ti recipes set cfg_scale/temperature to these, so the size preset wins
+    t2i_cfg_scale: float = 9.0
+    t2i_temperature: float = 0.96
     batch_size: int = 50
     judge_steps: int = 300
     judge_min_accuracy: float = 0.95
+    judge_path: str = ""             # domain judge of ablate/sweep ("" = models/judge.pt, the
+                                     # judge stage's output); e.g. a photo-world judge
     feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
     inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download
     finetune_steps: int = 200        # captioning / VQA fine-tuning
@@ -331,6 +338,7 @@ def role_config(cfg: "Config", role: str) -> "Config":
 
 
 VALID_CHOICES = {
+    "data.synthetic.world": ("shapes", "photo"),
     "model.factoring": ("post_flow", "learnable_w", "pca", "none", "no_flow"),
     "model.conditioning": ("text", "class"),
     "train.task": ("t2i", "i2t", "both", "class"),

@@ -4,6 +4,9 @@
 
 * The sweep-space file names the keys to search (any numeric or choice key of params.yaml),
   grid or random, the metric and ASHA early stopping, and fixed overrides that size the budget.
+  ASHA's grace period must reach the end of every trial's noise curriculum (checked: before it
+  a high-sigma0 trial is worse by construction). `seed` / `train.seed` in the space are repeats:
+  the best setting is chosen by its mean over them and `best.yaml` leaves them out.
 * Each trial is one process (`tune.with_resources`, `tune.cpus_per_trial` / `gpus_per_trial`,
   at most `tune.max_concurrent_trials` at once) that calls the same `train_loop` as the
   pipeline with world_size 1. At every checkpoint step the loop reports val bits/dim; the
@@ -209,6 +212,26 @@ def check_space(spec: SweepSpec, base: dict) -> int:
         if "grid" in dom:
             grid *= len(dom["grid"])
     return grid * spec.num_samples
+
+
+def check_curriculum_grace(spec: SweepSpec, base: dict) -> None:
+    """ASHA compares trials at equal steps. While a trial's RGB noise curriculum is still
+    running its bits/dim and FID are worse by construction (it is trained on noisier images),
+    so stopping it then is biased against the curriculum the sweep studies: the grace period
+    must reach the end of the longest curriculum in the space (or use `scheduler.type: none`)."""
+    if spec.scheduler["type"] != "asha":
+        return
+    steps = base["train"]["steps"]
+    grace = min(spec.scheduler["grace_period"] or base["train"]["checkpoint_every"], steps)
+    for point in space_points(spec):
+        n = load_config(deep_merge(base, nest(point))).train.noise
+        end = math.ceil(n.curriculum_frac * steps) if n.sigma0 > n.sigma_final else 0
+        if grace < end:
+            raise SweepError(
+                f"{spec.path}: 'scheduler.grace_period' = {grace} steps stops trials before "
+                f"the noise curriculum of {point} ends at step {end} of {steps}: ASHA would "
+                "judge high-sigma0 trials while their images are still noisier by "
+                f"construction. Set grace_period >= {end} or scheduler.type: none")
 
 
 def tune_param_space(spec: SweepSpec) -> dict:
@@ -462,24 +485,36 @@ def _trial_table(results, spec: SweepSpec, steps: int) -> list[dict]:
     return rows
 
 
+SEED_KEYS = ("seed", "train.seed")     # repeats of a setting, not settings to choose
+
+
 def pick_best(rows: list[dict], spec: SweepSpec) -> dict | None:
-    """The best trial by its final `metric`, among those that reached the last step (ASHA-
-    stopped trials were judged at fewer steps); all trials when none did."""
+    """The best setting by its final `metric` averaged over seeds (space keys in SEED_KEYS),
+    among trials that reached the last step (ASHA-stopped trials were judged at fewer steps);
+    all trials when none did. Returns its first trial's row with the mean metric and
+    `num_seeds`."""
     def ok(r):
         v = r.get(spec.metric)
         return isinstance(v, (int, float)) and math.isfinite(v)
     pool = [r for r in rows if r["status"] == "completed" and ok(r)] or [r for r in rows if ok(r)]
     if not pool:
         return None
-    return (min if spec.mode == "min" else max)(pool, key=lambda r: r[spec.metric])
+    groups: dict[tuple, list[dict]] = {}
+    for r in pool:
+        groups.setdefault(tuple(str(r.get(k)) for k in spec.space if k not in SEED_KEYS),
+                          []).append(r)
+    means = {g: sum(r[spec.metric] for r in rs) / len(rs) for g, rs in groups.items()}
+    g = (min if spec.mode == "min" else max)(means, key=means.get)
+    return {**groups[g][0], spec.metric: means[g], "num_seeds": len(groups[g])}
 
 
 def best_overlay_text(best: dict, spec: SweepSpec, sid: str) -> str:
     import shlex
-    values = {k: best[k] for k in spec.space}
+    values = {k: best[k] for k in spec.space if k not in SEED_KEYS}
     dvc = " ".join("-S " + shlex.quote(f"{k}={v}") for k, v in values.items())
     header = (f"# Best trial of sweep {sid} ({spec.path}): {best['trial_id']}, "
-              f"{spec.metric} = {best[spec.metric]:.6g} at step {best['step']}.\n"
+              f"{spec.metric} = {best[spec.metric]:.6g} at step {best['step']} (mean over "
+              f"{best.get('num_seeds', 1)} seed(s)).\n"
               f"# Use it as an overlay:  python -m jetformer <command> --preset <this file>\n"
               f"# or as a DVC experiment: dvc exp run {dvc}\n"
               f"# (the sweep's fixed budget overrides are not included: {spec.overrides})\n")
@@ -521,7 +556,7 @@ def _summary_md(rows: list[dict], best: dict | None, spec: SweepSpec, sid: str, 
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys) + " |" for r in rows]
     if best:
         lines += ["", f"Best: `{best['trial_id']}` with "
-                  + ", ".join(f"{k}={best[k]}" for k in spec.space)
+                  + ", ".join(f"{k}={best[k]}" for k in spec.space if k not in SEED_KEYS)
                   + f" ({spec.metric} {best[spec.metric]:.4g}); overlay in `best.yaml`."]
     errors = [r for r in rows if r.get("error")]
     lines += [f"- `{r['trial_id']}` failed: {r['error']}" for r in errors]
@@ -540,6 +575,7 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
     if "num_samples" not in spec.raw:     # the file's value wins over the tune section's
         spec.num_samples = cfg.tune.num_samples
     n_trials = check_space(spec, base)
+    check_curriculum_grace(spec, base)
     _check_inputs(cfg, spec)
     from jetformer.train import tracking
     base = deep_merge(base, nest({"mlflow.tracking_uri": tracking.tracking_uri(cfg)}))
@@ -617,7 +653,8 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
     if best is not None:
         cl.log_metric(pid, f"best_{spec.metric}", float(best[spec.metric]))
         for k in spec.space:
-            cl.set_tag(pid, f"best.{k}", str(best[k]))
+            if k not in SEED_KEYS:
+                cl.set_tag(pid, f"best.{k}", str(best[k]))
     cl.set_terminated(pid, "FINISHED" if all(r["status"] != "error" for r in rows) else "FAILED")
     return {"sweep_id": sid, "experiment": cfg.mlflow.experiment, "best": best, "trials": rows, "parent_run_id": pid,
             "experiment_id": state["experiment_id"], "closed_runs": closed, "out_dir": out,
@@ -630,7 +667,11 @@ def _trial_name(trial) -> str:
 
 
 def _check_inputs(cfg, spec: SweepSpec) -> None:
-    """Fail before Ray starts when a stage the trials need has not run."""
+    """Fail before Ray starts when a stage the trials need has not run (a synthetic world and
+    its judge are made here when missing, as `ablate` does)."""
+    if cfg.data.source == "synthetic":
+        from jetformer.ablate import ensure_inputs
+        ensure_inputs(cfg)
     prepared = Path(cfg.data.prepared_dir)
     if not (prepared / "metadata.json").is_file():
         raise FileNotFoundError(f"prepared data not found in {prepared} (run `dvc repro prepare`)")

@@ -97,3 +97,58 @@ def test_bad_files_are_in_the_tree(tmp_path):
     assert Image.open(files[str(first + kinds.index("cmyk"))]).mode == "CMYK"
     assert Image.open(files[str(first + kinds.index("palette"))]).mode == "P"
     assert min(Image.open(files[str(first + kinds.index("huge"))]).size) >= 1600
+
+
+# ----------------------------------------------------------------------------- photo world
+def _png_bpd(image: Image.Image) -> float:
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True, compress_level=9)
+    return 8 * len(buf.getvalue()) / (image.width * image.height * 3)
+
+
+def test_photo_world_same_formats_and_attributes(tmp_path):
+    """`data.synthetic.world=photo`: the same readers read it, with the same scenes (attributes,
+    captions) as the shapes world of the same seed, but other pixels; deterministic."""
+    extra = ("data.synthetic.num_train=30", "data.synthetic.bad_files=false")
+    synthetic.generate_world(world_cfg(tmp_path / "s", *extra))
+    synthetic.generate_world(world_cfg(tmp_path / "p", *extra, "data.synthetic.world=photo"))
+    synthetic.generate_world(world_cfg(tmp_path / "q", *extra, "data.synthetic.world=photo"))
+    p, q = tree_bytes(tmp_path / "p"), tree_bytes(tmp_path / "q")
+    assert p.keys() == q.keys() and all(p[k] == q[k] for k in p)
+    for split in ("train", "val"):
+        classes_s, shapes = read_synthetic(tmp_path / "s", split)
+        classes_p, photos = read_synthetic(tmp_path / "p", split)
+        assert classes_p == classes_s and len(photos) == len(shapes)
+        for a, b in zip(shapes, photos):
+            assert (a.id, a.label, a.captions, a.attributes) == (b.id, b.label, b.captions,
+                                                                 b.attributes)
+    img_s = sorted(k for k in tree_bytes(tmp_path / "s") if k.startswith("images/"))
+    assert img_s == sorted(k for k in p if k.startswith("images/"))
+    assert json.loads(p["world.json"])["params"]["world"] == "photo"
+    with pytest.raises(Exception, match="data.synthetic.world"):
+        world_cfg(tmp_path / "x", "data.synthetic.world=photos")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_photo_world_keeps_the_main_colour_and_adds_photo_detail(seed):
+    """The main object's middle still has the hue of its named colour (the judge and the
+    captions stay true), while the background has photographic detail: far more bits as PNG than the
+    flat shapes world (measured over 40 scenes: 1.55 vs 4.56 bits/dim at 32 px)."""
+    rng_s, rng_p = np.random.default_rng(seed), np.random.default_rng(seed)
+    scene = synthetic.sample_scene(rng_s)
+    assert synthetic.sample_scene(rng_p) == scene
+    flat = synthetic.render_scene(scene, 60, 90, rng_s)
+    photo = synthetic.render_scene(scene, 60, 90, rng_p, world="photo")
+    main = scene["objects"][0]
+    crop = np.asarray(resize_and_crop(photo, 32), np.float64)
+    cx = round(32 * synthetic.POSITIONS[main["position"]])
+    centre = crop[15:17, cx - 1:cx + 1].reshape(-1, 3).mean(0)
+    def cosine(c):                                                # the hue, not brightness
+        ref = np.array(synthetic.COLORS[c], np.float64)
+        return centre @ ref / np.linalg.norm(centre) / np.linalg.norm(ref)
+    nearest = max(synthetic.COLORS, key=cosine)
+    assert nearest == main["color"]
+    margin = np.asarray(photo, np.float64)[:15]                   # background only
+    assert margin.std(axis=(0, 1)).mean() > 1.0                   # not a flat colour
+    assert _png_bpd(resize_and_crop(photo, 32)) > _png_bpd(resize_and_crop(flat, 32)) + 0.5

@@ -7,8 +7,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jetformer.config import (ABLATIONS_DIR, PRESETS_DIR, REPO_ROOT, Config, ConfigError,
-                              load_config, load_config_dict)
+from jetformer.config import (
+    ABLATIONS_DIR,
+    PRESETS_DIR,
+    REPO_ROOT,
+    Config,
+    ConfigError,
+    load_config,
+    load_config_dict,
+)
 
 PARAMS = REPO_ROOT / "params.yaml"
 ABLATIONS = sorted(p.stem for p in ABLATIONS_DIR.glob("*.yaml"))
@@ -199,68 +206,227 @@ def test_compare_unknown_experiment_fails_clearly(tmp_path):
 
 # ----------------------------------------------------------------------------- ablate
 def test_ablation_rows_configs_and_applicability():
-    from jetformer.ablate import ROWS, ablation_config, not_applicable, row_names
+    from jetformer.ablate import ROWS, ablation_config, not_applicable, plan, row_names
     assert row_names()[0] == "baseline" and set(row_names()[1:]) == set(ABLATIONS)
-    for base in ([], ["tiny", "class_conditional"]):
+    for base in ([], ["tiny", "class_conditional"], ["table2"]):
         if any(p not in PRESETS for p in base):
             continue
-        cfgs = {r.name: ablation_config(r.name, PARAMS, base) for r in ROWS}
+        cfgs = {r.name: ablation_config(r.name, PARAMS, base, seed=1) for r in ROWS}
         assert len({c.train.out_dir for c in cfgs.values()}) == len(ROWS)     # no shared checkpoints
         assert {c.mlflow.experiment for c in cfgs.values()} == {"jetformer-ablations"}
+        assert all(c.seed == c.train.seed == 1 for c in cfgs.values())
         assert cfgs["no_flow"].model.factoring == "no_flow"
         assert cfgs["baseline"].model.factoring == "post_flow"
         text = not cfgs["baseline"].model.conditioning == "class"
         assert bool(not_applicable(cfgs["one_class_token"], "one_class_token")) == text
         assert all(not not_applicable(c, n) for n, c in cfgs.items() if n != "one_class_token")
+    points = plan(PARAMS, ["table2"], seeds=2)
+    assert len(points) == 2 * len(ROWS)                                   # every row, 2 seeds
+    assert len({p["hash"] for p in points.values()}) == len(points)       # seeds differ
+    assert {p["config"]["data"]["synthetic"]["world"] for p in points.values()} == {"photo"}
+    assert all(Path(p["config"]["eval"]["judge_path"]).is_absolute() for p in points.values())
+    with pytest.raises(ConfigError, match="unknown ablation"):
+        plan(PARAMS, only=["nope"])
+    with pytest.raises(ConfigError, match="seeds"):
+        plan(PARAMS, seeds=0)
 
 
-def test_ablation_table_compares_against_the_baseline():
+def _seeds(fid, acc=0.9, bpd=3.0, png=4.0, **extra):
+    """Per-seed metric dicts: one per value of `fid`."""
+    return [{"fid": f, "attribute_accuracy": acc, "attribute_chance": 0.25,
+             "val_bits_per_dim": bpd, "png_bits_per_dim": png, **extra} for f in fid]
+
+
+def test_ablation_verdicts_weigh_the_effect_against_the_spread():
     from jetformer.ablate import table_rows, to_csv, to_markdown
-    results = {"baseline": {"status": "done", "steps": 10, "fid": 10.0, "val_bits_per_dim": 4.0},
-               "no_flow": {"status": "done", "steps": 10, "fid": 30.0},           # worse: as the paper
-               "one_mixture": {"status": "done", "steps": 10, "fid": 8.5},        # better: not as the paper
-               "one_class_token": {"status": "n/a", "note": "text model"}}
+    results = {"baseline": _seeds([10.0, 12.0]),
+               "no_flow": _seeds([30.0, 34.0]),                 # far worse: as the paper
+               "one_mixture": _seeds([4.0, 5.0]),               # clearly better: contradicted
+               "one_class_token": _seeds([11.0, 14.0]),         # within the spread
+               "pca": _seeds([400.0, 420.0], acc=0.26),         # samples at chance: broken
+               "learnable_w": _seeds([12.0, 13.0], bpd=7.0),    # bits/dim far above PNG
+               "no_curriculum": _seeds([15.0])}                 # one seed: no spread
     rows = {r["ablation"]: r for r in table_rows(results)}
-    assert rows["baseline"]["paper_direction_reproduced"] == "n/a"
-    assert rows["no_flow"]["fid_vs_baseline"] == 20.0 and rows["no_flow"]["paper_direction_reproduced"] == "yes"
-    assert rows["one_mixture"]["fid_vs_baseline"] == -1.5
-    assert rows["one_mixture"]["paper_direction_reproduced"] == "no"
-    assert rows["one_class_token"]["paper_direction_reproduced"] == "n/a"
+    assert rows["baseline"]["verdict"] == "reference"
+    assert rows["baseline"]["fid"] == 11.0
+    assert rows["baseline"]["fid_std"] == pytest.approx(math.sqrt(2.0))
+    assert rows["no_flow"]["verdict"] == "reproduced" and rows["no_flow"]["fid_vs_baseline"] == 21.0
+    assert "+21" in rows["no_flow"]["verdict_text"] and "catastrophic" in rows["no_flow"]["verdict_text"]
+    assert "standard error" in rows["no_flow"]["verdict_text"]
+    assert rows["one_mixture"]["verdict"] == "contradicted"
+    assert rows["one_class_token"]["verdict"] == "inconclusive"
+    assert "within 2 SE" in rows["one_class_token"]["verdict_text"]
+    assert rows["pca"]["verdict"] == "broken" and "chance" in rows["pca"]["verdict_text"]
+    assert rows["learnable_w"]["verdict"] == "broken" and "PNG" in rows["learnable_w"]["verdict_text"]
+    assert rows["no_curriculum"]["verdict"] == "inconclusive" and rows["no_curriculum"]["seeds"] == 1
+    # a baseline that has not learnt its classes makes every comparison inconclusive
+    weak = {"baseline": _seeds([10.0, 12.0], acc=0.5), "no_flow": _seeds([30.0, 34.0], acc=0.5)}
+    row = table_rows(weak)[1]
+    assert row["verdict"] == "inconclusive" and "0.7" in row["verdict_text"]
     table = list(csv.DictReader(to_csv(list(rows.values())).splitlines()))
-    assert float(table[1]["fid"]) == 30.0
+    assert float(table[1]["fid"]) == 32.0 and float(table[1]["fid_std"]) == pytest.approx(2 * math.sqrt(2))
     md = to_markdown(list(rows.values()), "# t")
-    assert "1 of 2 rows" in md and "text model" in md
+    assert "| no_flow | 2 | 32 ± 2.828 |" in md and "1 reproduced, 1 contradicted" in md
+
+
+def test_ablation_resume_skips_points_measured_with_the_same_settings(tmp_path):
+    """A result file with the point's config hash counts as measured; a changed setting (or a
+    corrupt file) makes the point pending again; the table is built from the files."""
+    import json
+
+    from jetformer.ablate import collect, plan, read_result, write_tables
+    from jetformer.config import load_config as lc
+    points = plan(PARAMS, ["tiny", "class_conditional"], only=["no_flow"], seeds=2,
+                  out_dir=tmp_path)
+    assert set(points) == {"baseline/seed0", "baseline/seed1", "no_flow/seed0", "no_flow/seed1"}
+    metrics = {"baseline": [10.0, 12.0], "no_flow": [30.0, 34.0]}
+    for key, p in points.items():
+        path = Path(p["result"])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        m = _seeds([metrics[p["row"]][p["seed"]]])[0]
+        path.write_text(json.dumps({"row": p["row"], "seed": p["seed"], "config_hash": p["hash"],
+                                    "steps": 5, "metrics": m}))
+    assert all(read_result(Path(p["result"]))["config_hash"] == p["hash"] for p in points.values())
+    got, _ = collect(points)
+    assert sorted(m["fid"] for m in got["no_flow"]) == [30.0, 34.0]
+    changed = plan(PARAMS, ["tiny", "class_conditional"], sets=["train.steps=7"],
+                   only=["no_flow"], seeds=2, out_dir=tmp_path)
+    assert collect(changed)[0] == {}                        # other settings: nothing measured
+    Path(points["no_flow/seed1"]["result"]).write_text("{not json")
+    assert read_result(Path(points["no_flow/seed1"]["result"])) is None
+    rows = write_tables(points, lc(points["baseline/seed0"]["config"]), ["tiny"], [], 2, tmp_path)
+    assert {r["ablation"]: r["seeds"] for r in rows} == {"baseline": 2, "no_flow": 1}
+    assert "| no_flow | 1 | 30 |" in (tmp_path / "ablations.md").read_text()
 
 
 @pytest.mark.slow
 def test_ablate_micro_budget_end_to_end(tmp_path, monkeypatch):
-    """Baseline + the pca row at a micro budget through run_training (Ray Train, one start per
-    row), the evaluation functions, the tables and MLflow."""
+    """Baseline + the pca row, 2 seeds each, at a micro budget: one Ray Tune grid (2 trials at
+    a time), train_loop + the evaluation functions per point, the tables, child MLflow runs of
+    one parent; a rerun measures nothing again."""
     import ray
     from mlflow.tracking import MlflowClient
-    from jetformer.ablate import run_ablations
     from test_tune import build_micro_project
+
+    from jetformer.ablate import run_ablations
     params = build_micro_project(tmp_path, "train.steps=4", "train.num_workers=1",
                                  "train.checkpoint_every=4", "pca.num_images=20")
     monkeypatch.chdir(tmp_path)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:
-        rows = run_ablations(params, only=["pca"], out_dir=tmp_path / "results")
+        rows = run_ablations(params, only=["pca"], seeds=2, out_dir=tmp_path / "results")
+        t_first = (tmp_path / "results" / "ablations" / "pca" / "seed1.json").stat().st_mtime
+        again = run_ablations(params, only=["pca"], seeds=2, out_dir=tmp_path / "results")
     finally:
         ray.shutdown()
     assert [r["ablation"] for r in rows] == ["baseline", "pca"]
-    assert all(r["status"] == "done" and r["steps"] == 4 for r in rows)
+    assert all(r["seeds"] == 2 for r in rows)
     for r in rows:
-        assert math.isfinite(r["fid"]) and math.isfinite(r["val_bits_per_dim"])
+        assert math.isfinite(r["fid"]) and math.isfinite(r["fid_std"])
+        assert math.isfinite(r["val_bits_per_dim"]) and math.isfinite(r["val_uncond_bits_per_dim"])
         assert 0.0 <= r["attribute_accuracy"] <= 1.0
-    assert (tmp_path / "models" / "ablations" / "pca_p2.pt").is_file()     # fitted for the pca row
+    assert rows[1]["verdict"] in ("reproduced", "contradicted", "inconclusive", "broken")
+    assert (tmp_path / "results" / "ablations" / "pca" / "seed1.json").stat().st_mtime == t_first
+    assert [r["fid"] for r in again] == [r["fid"] for r in rows]
     with open(tmp_path / "results" / "ablations.csv") as f:
         table = {r["ablation"]: r for r in csv.DictReader(f)}
-    assert float(table["pca"]["fid"]) == next(r["fid"] for r in rows if r["ablation"] == "pca")
-    assert "| pca | done | 4 |" in (tmp_path / "results" / "ablations.md").read_text()
+    assert float(table["pca"]["fid"]) == pytest.approx(rows[1]["fid"], rel=1e-3)
     cl = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = cl.get_experiment_by_name("microtest-ablations")
-    runs = {r.info.run_name: r for r in cl.search_runs([exp.experiment_id])}
-    assert set(runs) == {"ablation-baseline", "ablation-pca"}
-    assert runs["ablation-pca"].data.params["model.factoring"] == "pca"
-    assert runs["ablation-pca"].data.metrics["fid"] == float(table["pca"]["fid"])
+    runs = cl.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("jetformer.role") == "ablations"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {(r.data.tags["jetformer.ablation"], r.data.tags["jetformer.seed"]) for r in children} \
+        == {("baseline", "0"), ("baseline", "1"), ("pca", "0"), ("pca", "1")}
+    assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
+    assert len(cl.get_metric_history(children[0].info.run_id, "loss")) >= 1
+
+
+# ----------------------------------------------------------------------------- sigma0 plots
+def _log_noise_sweep(uri: str):
+    """A parent run and 6 finished children (sigma0 0 / 16 / 64 x 2 seeds) with final metrics
+    and per-step histories, as a noise sweep logs them; plus one unfinished child."""
+    from mlflow.tracking import MlflowClient
+    cl = MlflowClient(tracking_uri=uri)
+    exp = cl.create_experiment("noise")
+    parent = cl.create_run(exp, run_name="sweep-noise-x", tags={"jetformer.role": "sweep"})
+    pid = parent.info.run_id
+    final = {}
+    for s0 in (0.0, 16.0, 64.0):
+        for seed in (0, 1):
+            run = cl.create_run(exp, run_name=f"s{s0}-{seed}",
+                                tags={"mlflow.parentRunId": pid})
+            rid = run.info.run_id
+            cl.log_param(rid, "train.noise.sigma0", str(s0))
+            cl.log_param(rid, "train.seed", str(seed))
+            fid = 50.0 - 0.3 * s0 + 0.005 * s0 ** 2 + 2.0 * seed     # a U-curve + seed noise
+            bpd = 4.0 + 0.002 * s0 + 0.1 * seed
+            for step in (5, 10):
+                sigma = s0 * (1 - step / 10)
+                cl.log_metric(rid, "bits_per_dim", bpd + sigma / 100, step=step)
+                cl.log_metric(rid, "sigma_rgb", sigma, step=step)
+                cl.log_metric(rid, "val_fid", fid + (10 - step), step=step)
+                cl.log_metric(rid, "val_bits_per_dim", bpd + (10 - step) / 10, step=step)
+            cl.set_terminated(rid, "FINISHED")
+            final.setdefault(s0, []).append((fid, bpd))
+    cl.create_run(exp, run_name="running", tags={"mlflow.parentRunId": pid})   # left out
+    return cl, pid, final
+
+
+def test_sigma0_plots_from_mlflow_runs_with_spread(tmp_path):
+    from jetformer.cli import main
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cl, pid, final = _log_noise_sweep(uri)
+    assert main(["compare", "--experiment", "noise", "--tracking-uri", uri, "--parent-run",
+                 pid, "--sigma-plots", "--out-dir", str(tmp_path / "res")]) == 0
+    out = tmp_path / "res" / "sweeps" / "sweep-noise-x"
+    with open(out / "noise_sigma0.csv") as f:
+        rows = {float(r["sigma0"]): r for r in csv.DictReader(f)}
+    assert sorted(rows) == [0.0, 16.0, 64.0]
+    for s0, vals in final.items():
+        fids = [v[0] for v in vals]
+        assert int(rows[s0]["runs"]) == 2 and int(rows[s0]["fid_n"]) == 2
+        assert float(rows[s0]["fid_mean"]) == pytest.approx(sum(fids) / 2)
+        assert float(rows[s0]["fid_std"]) == pytest.approx(abs(fids[0] - fids[1]) / math.sqrt(2))
+        assert float(rows[s0]["bits_per_dim_mean"]) == pytest.approx(sum(v[1] for v in vals) / 2)
+    for png in ("noise_sigma0.png", "figure3.png"):
+        assert (out / png).stat().st_size > 5000
+    logged = {a.path for a in cl.list_artifacts(pid, "plots")}
+    assert logged == {"plots/noise_sigma0.csv", "plots/noise_sigma0.png", "plots/figure3.png"}
+
+
+def test_sigma0_plots_fail_clearly(tmp_path):
+    from jetformer.experiment_plots import make_plots
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, pid, _ = _log_noise_sweep(uri)
+    with pytest.raises(ValueError, match="--parent-run"):
+        make_plots("noise", uri, "", tmp_path)
+    with pytest.raises(ValueError, match="'nope' not found"):
+        make_plots("nope", uri, pid, tmp_path)
+    with pytest.raises(ValueError, match="no finished child runs"):
+        make_plots("noise", uri, "0" * 32, tmp_path)
+
+
+def test_ablation_point_hash_does_not_depend_on_the_checkout(tmp_path, monkeypatch):
+    """Result files measured in one checkout count in another (paths in the hash are relative)."""
+    import shutil
+    from jetformer.ablate import plan
+    here = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    other = tmp_path / "checkout"
+    other.mkdir()
+    shutil.copy(REPO_ROOT / "dvc.yaml", other / "dvc.yaml")
+    monkeypatch.chdir(other)
+    there = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    assert {k: p["hash"] for k, p in here.items()} == {k: p["hash"] for k, p in there.items()}
+    assert here["no_flow/seed0"]["config"] != there["no_flow/seed0"]["config"]   # absolute paths
+
+
+def test_ablation_point_hash_ignores_tracking_and_parallelism():
+    from jetformer.ablate import plan
+    a = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
+    b = plan(PARAMS, ["tiny"], sets=["tune.max_concurrent_trials=4",
+                                     "mlflow.tracking_uri=sqlite:///x.db"], only=["no_flow"], seeds=1)
+    c = plan(PARAMS, ["tiny"], sets=["train.lr=1e-4"], only=["no_flow"], seeds=1)
+    assert a["no_flow/seed0"]["hash"] == b["no_flow/seed0"]["hash"] != c["no_flow/seed0"]["hash"]

@@ -70,3 +70,19 @@ def test_info_human_readable(capsys):
     out = capsys.readouterr().out
     assert "params_total" in out and "params_flow" in out
     assert main(["info", "--preset", "no_such_preset"]) == 2
+
+
+@pytest.mark.parametrize("recipe", ["coco_t2i", "coco_ti"])
+@pytest.mark.parametrize("size, expected", [("jetformer_b", (9.0, 0.96)),
+                                            ("jetformer_m", (8.0, 0.94)),
+                                            ("jetformer_l", (6.0, 0.96))])
+def test_t2i_sampling_settings_follow_the_size(recipe, size, expected):
+    """Official T2I cfg_scale/temperature per size: the recipe layered over a size preset (the
+    documented order) samples with the size's settings, not one fixed pair."""
+    e = load_config(PARAMS, overlays=[size, recipe]).eval
+    assert (e.cfg_scale, e.temperature) == expected
+    # a command-line override still beats both
+    e = load_config(PARAMS, overlays=[size, recipe], overrides=["eval.cfg_scale=1.5"]).eval
+    assert e.cfg_scale == 1.5 and e.temperature == expected[1]
+    # the ImageNet class-conditional settings of the size are untouched without the recipe
+    assert load_config(PARAMS, overlays=[size]).eval.cfg_scale not in (9.0, 8.0, 6.0)

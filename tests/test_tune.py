@@ -8,7 +8,8 @@ import yaml
 
 from jetformer.config import REPO_ROOT, ConfigError, load_config, load_config_dict
 from jetformer.tune import (SweepError, base_config_dict, best_overlay_text, check_space,
-                            load_sweep, pick_best, space_points, sweep_id)
+                            check_curriculum_grace, load_sweep, pick_best, space_points,
+                            sweep_id)
 
 from conftest import TINY_OVERRIDES
 
@@ -21,15 +22,35 @@ def _write(path, obj):
     return path
 
 
-def test_default_noise_sweep_is_valid_and_has_four_sigma0_including_zero():
+def test_default_noise_sweep_covers_the_paper_curve_with_seeds_and_no_biased_stopping():
     spec = load_sweep(NOISE)
     sigma0 = spec.space["train.noise.sigma0"]["grid"]
-    assert len(sigma0) >= 4 and 0.0 in sigma0
+    assert sigma0 == [0.0, 8.0, 16.0, 32.0, 64.0]
+    assert len(spec.space["train.seed"]["grid"]) >= 2                # >= 2 seeds per sigma0
     base = base_config_dict(spec, PARAMS)
-    assert check_space(spec, base) == len(sigma0)
+    assert check_space(spec, base) == len(sigma0) * 2
     assert base["train"]["num_workers"] == 1          # one process per trial
     assert base["train"]["checkpoint_every"] == spec.validation["every"]
-    assert spec.scheduler["type"] == "asha" and spec.metric in ("val_fid", "val_bits_per_dim")
+    assert base["data"]["synthetic"]["world"] == "photo"             # the table2 setting
+    assert spec.scheduler["type"] == "none" and spec.metric in ("val_fid", "val_bits_per_dim")
+    check_curriculum_grace(spec, base)                # passes: no early stopping
+    assert "biased" in NOISE.read_text() or "bias the sweep" in NOISE.read_text()  # says why
+
+
+def test_asha_grace_period_must_reach_the_end_of_the_curriculum(tmp_path):
+    space = {"train.noise.sigma0": [0.0, 32.0], "train.noise.curriculum_frac": [0.5]}
+    early = _write(tmp_path / "early.yaml", {"space": space, "scheduler": {
+        "type": "asha", "grace_period": 100}})
+    spec = load_sweep(early)
+    base = base_config_dict(spec, PARAMS, sets=["train.steps=600"])
+    with pytest.raises(SweepError, match="ends at step 300 of 600.*grace_period >= 300"):
+        check_curriculum_grace(spec, base)
+    ok = _write(tmp_path / "ok.yaml", {"space": space, "scheduler": {
+        "type": "asha", "grace_period": 300}})
+    check_curriculum_grace(load_sweep(ok), base)
+    flat = _write(tmp_path / "flat.yaml", {"space": {"train.noise.sigma0": [0.0]},
+                                           "scheduler": {"type": "asha", "grace_period": 10}})
+    check_curriculum_grace(load_sweep(flat), base)    # no curriculum: nothing to protect
 
 
 def test_space_parsing_grid_random_and_points(tmp_path):
@@ -79,18 +100,24 @@ def test_sweep_id_changes_with_space_and_base(tmp_path):
 
 
 def test_best_trial_pick_and_overlay(tmp_path):
+    """The best sigma0 by its mean over seeds among completed trials; the overlay leaves the
+    seed out."""
     spec = load_sweep(NOISE)
-    rows = [{"trial_id": "a", "status": "stopped", "step": 300, "train.noise.sigma0": 0.0,
-             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 1.0},
-            {"trial_id": "b", "status": "completed", "step": 600, "train.noise.sigma0": 16.0,
-             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 7.0},
-            {"trial_id": "c", "status": "completed", "step": 600, "train.noise.sigma0": 32.0,
-             "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0, "val_fid": 9.0}]
+
+    def row(tid, status, step, sigma0, seed, fid):
+        return {"trial_id": tid, "status": status, "step": step, "train.noise.sigma0": sigma0,
+                "train.noise.sigma_final": 0.0, "train.noise.curriculum_frac": 1.0,
+                "train.seed": seed, "val_fid": fid}
+    rows = [row("a", "stopped", 300, 0.0, 0, 1.0),        # stopped early: judged at fewer steps
+            row("b", "completed", 600, 16.0, 0, 6.0), row("b1", "completed", 600, 16.0, 1, 9.0),
+            row("c", "completed", 600, 32.0, 0, 5.0), row("c1", "completed", 600, 32.0, 1, 12.0)]
     best = pick_best(rows, spec)
-    assert best["trial_id"] == "b"          # an ASHA-stopped trial was judged at fewer steps
+    assert best["train.noise.sigma0"] == 16.0 and best["val_fid"] == 7.5   # mean 7.5 < 8.5
+    assert best["num_seeds"] == 2
     f = tmp_path / "best.yaml"
     f.write_text(best_overlay_text(best, spec, "noise-x"))
     assert "dvc exp run -S train.noise.sigma0=16.0" in f.read_text()
+    assert "seed" not in yaml.safe_load(f.read_text())["train"]
     cfg = load_config(PARAMS, overlays=[f])
     assert cfg.train.noise.sigma0 == 16.0 and cfg.train.noise.curriculum_frac == 1.0
 
@@ -125,7 +152,8 @@ def micro_project(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep_project")
     params_file = build_micro_project(root)
     space = _write(root / "space.yaml", {
-        "name": "micro", "space": {"train.noise.sigma0": {"grid": [0.0, 4.0]}},
+        "name": "micro", "space": {"train.noise.sigma0": {"grid": [0.0, 4.0]},
+                                   "train.noise.curriculum_frac": {"grid": [0.5]}},
         "metric": "val_fid", "mode": "min",
         "scheduler": {"type": "asha", "grace_period": 3, "reduction_factor": 2},
         "validation": {"every": 3, "fid_samples": 8}})
@@ -172,6 +200,13 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
     assert best.train.noise.sigma0 == res["best"]["train.noise.sigma0"]
     with open(root / "results" / "micro" / "trials.csv") as f:
         assert len(list(csv.DictReader(f))) == 2
+
+    # the sigma0 plots and Figure 3 are drawn from these MLflow runs
+    from jetformer.experiment_plots import make_plots
+    plots = make_plots("microtest", f"sqlite:///{root / 'mlflow.db'}", res["parent_run_id"],
+                       root / "results")
+    assert [r["sigma0"] for r in plots["rows"]] == [0.0, 4.0] and plots["fid_key"] == "val_fid"
+    assert all(f.is_file() for f in plots["files"]) and len(plots["files"]) == 3
 
     # the second call restored the finished sweep: same Tune experiment and parent, no new runs
     assert again["sweep_id"] == res["sweep_id"] and again["parent_run_id"] == res["parent_run_id"]

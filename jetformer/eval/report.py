@@ -14,7 +14,8 @@ from pathlib import Path
 # every key issue 5 asks for in metrics/eval.json (value null when it does not apply to the model/data)
 REQUIRED_KEYS = ("fid", "precision", "recall", "kid", "t2i_attribute_accuracy",
                  "class_attribute_accuracy", "cider", "vqa_accuracy", "zeroshot_accuracy",
-                 "val_bits_per_dim", "png_bits_per_dim", "judge_val_accuracy")
+                 "val_bits_per_dim", "val_uncond_bits_per_dim", "png_bits_per_dim",
+                 "judge_val_accuracy")
 
 
 def _atomic_text(path: str | Path, text: str) -> None:
@@ -89,6 +90,7 @@ BASELINE_CHECKS = {
     "vqa_accuracy": ("baseline_vqa_accuracy", ">"),
     "zeroshot_accuracy": ("baseline_zeroshot_accuracy", ">"),
     "val_bits_per_dim": ("png_bits_per_dim", "<"),
+    "val_uncond_bits_per_dim": ("png_bits_per_dim", "<"),
 }
 
 

@@ -421,14 +421,23 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     t0 = time.time()
     result: dict = {}
 
-    # held-out NLL vs PNG on the same (pretraining val) images
+    # held-out NLL vs PNG on the same (pretraining val) images: conditional (as training's
+    # val_bits_per_dim; the class, or each image's first caption) and unconditional ([NOLABEL])
     n = min(e.num_nll_images, len(pre_val)) if e.num_nll_images else len(pre_val)
     nll_images = pre_val.images(range(n))
-    bpd = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed)
+    cond = {"labels": pre_val.labels()[:n]} if model.conditioning == "class" else {}
+    if model.conditioning == "text":
+        first = [(c or [""])[0] for c in pre_val.column("captions")[:n]]
+        cond = dict(zip(("text", "text_mask"), _text_tokenizer(mcfg, cfg).encode_batch(
+            first, mcfg.tokenizer.max_text_len)))
+    bpd = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed, **cond)
+    uncond = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed)
     png = png_bits_per_dim(nll_images)
-    result.update(val_bits_per_dim=bpd.mean().item(), png_bits_per_dim=png.mean().item(), nll_num_images=n)
-    print(f"held-out NLL {result['val_bits_per_dim']:.4f} bits/dim; PNG {result['png_bits_per_dim']:.4f} "
-          f"bits/dim ({n} val images)")
+    result.update(val_bits_per_dim=bpd.mean().item(), val_uncond_bits_per_dim=uncond.mean().item(),
+                  png_bits_per_dim=png.mean().item(), nll_num_images=n)
+    print(f"held-out NLL {result['val_bits_per_dim']:.4f} bits/dim given the "
+          f"{model.conditioning}, {result['val_uncond_bits_per_dim']:.4f} unconditional; PNG "
+          f"{result['png_bits_per_dim']:.4f} bits/dim ({n} val images)")
 
     # zero-shot classification by scoring class names (text models, a role with classes)
     rows = []
@@ -469,8 +478,8 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     write_json(metrics, result)
     write_csv(Path(plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
     write_csv(Path(plots) / "nll_per_image.csv",
-              [{"index": i, "bits_per_dim": b, "png_bits_per_dim": p} for i, (b, p) in
-               enumerate(zip(bpd.tolist(), png.tolist()))])
+              [{"index": i, "bits_per_dim": b, "uncond_bits_per_dim": u, "png_bits_per_dim": p}
+               for i, (b, u, p) in enumerate(zip(bpd.tolist(), uncond.tolist(), png.tolist()))])
     return result
 
 

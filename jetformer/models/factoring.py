@@ -2,8 +2,15 @@
 App. B, Table 2).
 
 Every dimension of the image is scored exactly once: the first `factored_dims` dims of each
-latent token go to the transformer (`tokens`), the rest (`rest`) are scored here by `prior_nll`
-under N(0, I), and `logdet` carries the change of variables of everything invertible.
+latent token go to the transformer (`tokens`), the rest (`rest`) are scored here by `prior_nll`,
+and `logdet` carries the change of variables of everything invertible.
+
+The prior of `rest`: after the flow (`post_flow`) N(0, I), the flow itself scales those dims.
+Factored out *before* the flow (`learnable_w`, `pca`) nothing rescales them, so they get a
+per-channel Gaussian N(0, diag(s^2)) with its own learnable scale s (paper §3.2 "model the
+remaining channels with a Gaussian distribution", as in probabilistic PCA, Tipping & Bishop
+1999). For `pca` s starts at its maximum-likelihood value under dequantisation, see
+`pca_prior_init`. Samples draw `rest` from that same prior.
 
   post_flow    patchify -> Jet(3p^2)            -> tokens = z[..., :d], rest = z[..., d:]
   learnable_w  patchify -> y = x W^T (learned)  -> Jet(d)(y[..., :d]) = tokens, rest = y[..., d:]
@@ -18,9 +25,44 @@ import math
 import torch
 import torch.nn as nn
 
+from jetformer.noise import PIXEL_SCALE
+
 from .jet import Jet, patchify, unpatchify
 
 FACTORINGS = ("post_flow", "learnable_w", "pca", "none", "no_flow")
+PRE_FLOW = ("learnable_w", "pca")       # rest factored out before the flow: own Gaussian prior
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+# dequantisation u ~ U(0, 1/127.5) per dim (jetformer.noise.to_model_space): mean and variance
+DEQUANT_MEAN = 0.5 / PIXEL_SCALE
+DEQUANT_VAR = 1.0 / (12.0 * PIXEL_SCALE ** 2)
+
+
+def standard_normal_nll(z: torch.Tensor) -> torch.Tensor:
+    """NLL in nats under N(0, I), summed per row: [B, ...] -> [B] (fp32 under half precision)."""
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    return (0.5 * z ** 2 + _HALF_LOG_2PI).flatten(1).sum(dim=1)
+
+
+def pca_prior_init(pca: dict, factored_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximum-likelihood init of the `pca` variant from the fitted PCA of *undequantised*
+    patches: returns (mean [D], log_scale [D - d]).
+
+    The model sees x + u with u ~ U(0, 1/127.5) i.i.d. per dim and independent of x, so the
+    data mean shifts by E[u] = 0.5/127.5 and the covariance gains Var[u] I = I/(12 * 127.5^2),
+    isotropic and hence the same in every orthonormal PCA basis: the ML variance of residual
+    channel j is explained_variance[d + j] + Var[u]."""
+    if "explained_variance" not in pca:
+        raise ValueError("PCA dict is missing key 'explained_variance' (needed to initialise the "
+                         "Gaussian prior of the factored-out dims); rerun fit_pca")
+    var = torch.as_tensor(pca["explained_variance"], dtype=torch.float64)
+    dim = torch.as_tensor(pca["mean"]).shape[0]
+    if var.shape != (dim,) or not torch.isfinite(var).all() or (var < 0).any():
+        raise ValueError(f"PCA dict 'explained_variance' must be {dim} finite values >= 0, got "
+                         f"shape {tuple(var.shape)}")
+    mean = torch.as_tensor(pca["mean"], dtype=torch.float32) + DEQUANT_MEAN
+    log_scale = 0.5 * torch.log(var[factored_dims:] + DEQUANT_VAR)
+    return mean, log_scale.to(torch.float32)
 
 
 def random_orthogonal(dim: int, generator: torch.Generator) -> torch.Tensor:
@@ -109,12 +151,17 @@ class ImageCodec(nn.Module):
                              f"[1, {self.token_dim}]")
 
         self.linear = None
+        # per-channel log-scale of the Gaussian prior of `rest` (pre-flow factorings only)
+        self.rest_log_scale = None
         if m.factoring == "learnable_w":
             gen = torch.Generator().manual_seed(cfg.seed + 1)
             self.linear = PatchLinear(random_orthogonal(self.token_dim, gen), trainable=True)
+            self.rest_log_scale = nn.Parameter(torch.zeros(self.rest_dims))
         elif m.factoring == "pca":
-            comps, mean = check_pca(pca, self.token_dim)
+            comps, _ = check_pca(pca, self.token_dim)
+            mean, log_scale = pca_prior_init(pca, self.factored_dims)
             self.linear = PatchLinear(comps, mean, trainable=False)
+            self.rest_log_scale = nn.Parameter(log_scale)
 
         self.flow = None
         if m.factoring != "no_flow":
@@ -153,7 +200,7 @@ class ImageCodec(nn.Module):
 
     def decode(self, tokens: torch.Tensor, rest: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-        """tokens [B, N, d] (+ rest [B, N, 3p^2 - d], drawn from N(0, I) untempered when None)
+        """tokens [B, N, d] (+ rest [B, N, 3p^2 - d], drawn untempered from the prior when None)
         -> x [B, H, W, 3] in model space, not clipped (facts items 6, 19).
 
         Always runs in fp32 with autocast off: a bf16 coupling net amplifies rounding through
@@ -171,6 +218,8 @@ class ImageCodec(nn.Module):
             rest = torch.randn(B, N, self.rest_dims, generator=generator,
                                device=generator.device if generator is not None else tokens.device,
                                dtype=tokens.dtype).to(tokens.device)
+            if self.rest_log_scale is not None:
+                rest = rest * self.rest_log_scale.detach().exp().to(rest)
         elif rest.shape != (B, N, self.rest_dims):
             raise ValueError(f"ImageCodec.decode: expected rest [{B}, {N}, {self.rest_dims}], "
                              f"got {tuple(rest.shape)}")
@@ -183,9 +232,19 @@ class ImageCodec(nn.Module):
                 z = self.flow.inverse(z)
         return unpatchify(z, self.patch_size, self.resolution, self.resolution)
 
+    def rest_scale(self) -> torch.Tensor | None:
+        """Per-channel std [3p^2 - d] of the prior of `rest`; None where it is N(0, I)."""
+        return None if self.rest_log_scale is None else self.rest_log_scale.exp()
+
     def prior_nll(self, rest: torch.Tensor) -> torch.Tensor:
-        """NLL in nats of the factored-out dims under N(0, I), summed per image -> [B]."""
-        if rest.dtype in (torch.float16, torch.bfloat16):
-            rest = rest.float()
-        nll = 0.5 * (rest ** 2 + math.log(2 * math.pi))
+        """NLL in nats of the factored-out dims [B, N, 3p^2 - d], summed per image -> [B]:
+        N(0, I) after the flow, N(0, diag(s^2)) before it (0.5 (r/s)^2 + log s + log(2 pi)/2)."""
+        if rest.shape[-1] != self.rest_dims:
+            raise ValueError(f"prior_nll: expected rest [..., {self.rest_dims}], got "
+                             f"{tuple(rest.shape)}")
+        if self.rest_log_scale is None:
+            return standard_normal_nll(rest)
+        rest = rest.float()
+        log_s = self.rest_log_scale.float()
+        nll = 0.5 * (rest * torch.exp(-log_s)) ** 2 + log_s + _HALF_LOG_2PI
         return nll.flatten(1).sum(dim=1)

@@ -16,7 +16,8 @@ has two extra rows, [BOI] = vocab_size and [NOLABEL] = vocab_size + 1. A class l
 by C separate tables (row `num_classes` of each is its [NOLABEL]).
 
 Image NLL (paper eq. 1, facts item 8), every one of the H*W*3 dimensions scored exactly once:
-  bpd = (NLL_gmm(tokens) + NLL_N(0,I)(rest) - logdet) / (H*W*3) / ln 2 + log2(127.5)
+  bpd = (NLL_gmm(tokens) + NLL_prior(rest) - logdet) / (H*W*3) / ln 2 + log2(127.5)
+(the prior of `rest`: `ImageCodec.prior_nll`, N(0, I) or a learnt diagonal Gaussian)
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from jetformer.noise import bits_per_dim, curriculum_noise, from_model_space, to_model_space
 
-from .factoring import ImageCodec
+from .factoring import ImageCodec, standard_normal_nll
 from .gmm import GMMHead, gmm_cfg_sample, gmm_nll, gmm_sample
 from .transformer import Decoder, init_linear
 
@@ -313,14 +314,15 @@ class JetFormer(nn.Module):
 
     def flow_prior_loss(self, images: torch.Tensor, sigma_rgb: float,
                         generator: torch.Generator | None = None) -> torch.Tensor:
-        """Two-stage ablation, stage 1 (paper Table 2): the flow alone against N(0, I) on all
-        3p^2 dims of every token. Returns the mean bits/dim (scalar, with grad)."""
+        """Two-stage ablation, stage 1 (paper Table 2): the flow alone against N(0, I) on its
+        tokens, the factored-out dims under their own prior (`codec.prior_nll`). Returns the
+        mean bits/dim (scalar, with grad)."""
         if self.codec.flow is None:
             raise ValueError("flow_prior_loss: model.factoring='no_flow' has no flow to pretrain")
         images = images.to(self.device)
         pixels = curriculum_noise(images, float(sigma_rgb), generator) if sigma_rgb > 0 else images
         tokens, rest, logdet = self.codec.encode(to_model_space(pixels, generator))
-        nll = self.codec.prior_nll(tokens) + self.codec.prior_nll(rest) - logdet  # [B]
+        nll = standard_normal_nll(tokens) + self.codec.prior_nll(rest) - logdet  # [B]
         return bits_per_dim(nll, self.num_image_dims).mean()
 
     # ------------------------------------------------------------------ evaluation
@@ -406,7 +408,8 @@ class JetFormer(nn.Module):
         cfg_scale > 0 runs a CFG batch (conditional rows, then [NOLABEL] rows), draws each token
         with GIVT's guided rejection sampler and feeds the same token to both streams;
         cfg_scale = 0 samples the conditional mixture alone. Temperature scales the GMM stds.
-        The factored-out dims are drawn from N(0, I) (untempered), then the flow is inverted.
+        The factored-out dims are drawn from their prior (untempered), then the flow is
+        inverted.
         `use_cache=False` recomputes the whole sequence every step (benchmark/test path)."""
         if cfg_scale < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
