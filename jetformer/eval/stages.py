@@ -142,7 +142,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
     if not kinds:
         raise FileNotFoundError(f"no samples in {samples} (run `dvc repro sample`)")
     for kind in kinds:
-        s = torch.load(Path(samples) / f"{kind}.pt", weights_only=False)
+        from jetformer.safe_io import safe_load
+        s = safe_load(Path(samples) / f"{kind}.pt", "samples")
         images = s["images"]
         fm = fidelity_metrics(images, real, extractor=extractor, judge_path=judge_path,
                               inception_weights=cfg.eval.inception_weights,
@@ -186,7 +187,8 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
 
     out_dir = Path(out_dir or f"models/finetune_{task}")
     model, mcfg = load_trained(cfg.train.out_dir)
-    source = torch.load(model_file(cfg.train.out_dir), map_location="cpu", weights_only=False)
+    from jetformer.safe_io import safe_load
+    source = safe_load(model_file(cfg.train.out_dir), "model checkpoint")
     (train,) = _splits(cfg, "train")
     info = {"task": task, "steps": 0, "skipped": ""}
     need = "captions" if task == "caption" else "qa"
