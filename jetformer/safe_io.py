@@ -115,8 +115,9 @@ def safe_load(path: str | Path, what: str = "file"):
         m = re.search(r"Unsupported operand (\d+)", text)
         if m:
             raise UnsafeFileError(f"{path}: refused to load {what}: not a file written by "
-                                  f"torch.save (pickle opcode {m.group(1)} is not allowed)") from None
+                                  f"torch.save (pickle opcode {m.group(1)} is not allowed)"
+                                  ) from None
         raise UnsafeFileError(f"{path}: refused to load {what}: {_one_line(e)}") from None
-    except Exception as e:   # truncated zip, random bytes, empty file, ...
+    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file, ...)
         raise ValueError(f"{path}: cannot read {what} (corrupt or truncated: "
                          f"{type(e).__name__}: {_one_line(e)})") from None
