@@ -274,8 +274,8 @@ def load_image(path: str | Path, resolution: int, min_side: int = 1) -> tuple[np
         raise BadFile("not an image (unidentified format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadFile(f"too large (decompression bomb: {e})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        msg = str(e)
+    except Exception as e:  # noqa: BLE001 (any decoder failure on a malformed file)
+        msg = " ".join(str(e).split())[:200]
         if "truncated" in msg.lower() or "broken data stream" in msg.lower():
             raise BadFile(f"truncated image ({msg})") from None
         raise BadFile(f"unreadable image ({type(e).__name__}: {msg})") from None
