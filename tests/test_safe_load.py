@@ -7,8 +7,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_cfg
+
 from jetformer.cli import main
 from jetformer.data.pca import load_pca, save_pca
 from jetformer.models.jetformer import JetFormer
@@ -99,7 +99,7 @@ def test_export_round_trip_gives_identical_outputs(tmp_path, randomize):
     model, _, file = _tiny_export(tmp_path, randomize)
     blob = torch.load(file, weights_only=True)            # plain data: weights_only reads it
     assert blob["format"] == ckpt.MODEL_FORMAT and isinstance(blob["config"], dict)
-    loaded, cfg = ckpt.load_trained(tmp_path / "ck", device="cpu")
+    loaded, _ = ckpt.load_trained(tmp_path / "ck", device="cpu")
     model.eval()
     images = torch.randint(0, 256, (2, 8, 8, 3), dtype=torch.uint8)
     batch = {"images": images, "labels": torch.tensor([0, 2])}
