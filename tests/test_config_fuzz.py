@@ -14,7 +14,8 @@ BASE = read_yaml(REPO_ROOT / "params.yaml")
 LEAVES = sorted(flatten(BASE))
 SECTIONS = sorted({k.rsplit(".", 1)[0] for k in LEAVES if "." in k})
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(
     st.none(), st.booleans(), st.text(max_size=12),

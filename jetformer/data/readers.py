@@ -311,10 +311,10 @@ def load_image(path: str | Path, resolution: int, min_side: int = 1, stats: dict
                     raise BadFile(f"too small ({w}x{h}, shorter side < data.min_image_side={min_side})")
                 counts = {"resized": (w, h) != (resolution, resolution),
                           "downscaled_huge": min(w, h) >= 4 * resolution}
-                if counts["downscaled_huge"]:
-                    if image.format == "JPEG":   # decode at a reduced DCT scale, still >= 2x target
-                        image.draft(image.mode, (max(1, w * 2 * resolution // min(w, h)),
-                                                 max(1, h * 2 * resolution // min(w, h))))
+                if counts["downscaled_huge"] and image.format == "JPEG":
+                    # decode at a reduced DCT scale, still >= 2x the target
+                    image.draft(image.mode, (max(1, w * 2 * resolution // min(w, h)),
+                                             max(1, h * 2 * resolution // min(w, h))))
                 image.load()
                 orientation = image.getexif().get(0x0112, 1)
                 image = ImageOps.exif_transpose(image)
