@@ -71,7 +71,7 @@ def _load_json(path: str | Path, key: str) -> dict:
         raise SourceError(f"{key} = '{path}': file not found")
     try:
         return json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise SourceError(f"{key} = '{path}': not valid JSON ({e})") from None
 
 
@@ -79,6 +79,30 @@ def _require(obj: dict, name: str, path, key: str):
     if not isinstance(obj, dict) or name not in obj:
         raise SourceError(f"{key} = '{path}': missing field '{name}'")
     return obj[name]
+
+
+def _require_list(obj: dict, name: str, path, key: str) -> list:
+    value = _require(obj, name, path, key)
+    if not isinstance(value, list):
+        raise SourceError(f"{key} = '{path}': field '{name}' must be a list, "
+                          f"got {type(value).__name__}")
+    return value
+
+
+def _require_id(obj: dict, name: str, path, key: str, text_ok: bool = True) -> int | str:
+    """An id field: an integer (or, where `text_ok`, a string)."""
+    value = _require(obj, name, path, key)
+    if isinstance(value, bool) or not isinstance(value, (int, str) if text_ok else int):
+        raise SourceError(f"{key} = '{path}': '{name}' {str(value)[:40]!r} is not "
+                          f"{'an integer or text' if text_ok else 'an integer'}")
+    return value
+
+
+def _require_text(obj: dict, name: str, path, key: str) -> str:
+    value = _require(obj, name, path, key)
+    if not isinstance(value, str):
+        raise SourceError(f"{key} = '{path}': '{name}' {str(value)[:40]!r} is not text")
+    return value
 
 
 def _check_dir(path: str | Path, key: str) -> Path:
@@ -130,21 +154,20 @@ def read_coco_captions(annotations: str | Path, images: str | Path, key: str = "
     list. Image ids and file names listed twice are refused."""
     root = _check_dir(images, key.replace("annotations", "images"))
     data = _load_json(annotations, key)
-    captions: dict[int, list[str]] = {}
-    for a in _require(data, "annotations", annotations, key):
-        captions.setdefault(_require(a, "image_id", annotations, key), []).append(
-            _require(a, "caption", annotations, key))
-    listed = _require(data, "images", annotations, key)
-    if not isinstance(listed, list) or not isinstance(data["annotations"], list):
-        raise SourceError(f"{key} = '{annotations}': 'images' and 'annotations' must be lists")
-    ids = [_require(im, "id", annotations, key) for im in listed]
-    for what, values in (("image id", ids),
-                         ("file_name", [_require(im, "file_name", annotations, key)
-                                        for im in listed])):
+    captions: dict[int | str, list[str]] = {}
+    for a in _require_list(data, "annotations", annotations, key):
+        captions.setdefault(_require_id(a, "image_id", annotations, key), []).append(
+            _require_text(a, "caption", annotations, key))
+    listed = _require_list(data, "images", annotations, key)
+    ids = [_require_id(im, "id", annotations, key) for im in listed]
+    names = [_require_text(im, "file_name", annotations, key) for im in listed]
+    for name in names:
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            raise SourceError(f"{key} = '{annotations}': file_name {name[:60]!r} is not a "
+                              "relative path inside the image directory")
+    for what, values in (("image id", ids), ("file_name", names)):
         seen: set = set()
         for v in values:
-            if not isinstance(v, (int, str)):
-                raise SourceError(f"{key} = '{annotations}': {what} {v!r} is not a number or text")
             if v in seen:
                 raise SourceError(f"{key} = '{annotations}': {what} {v!r} is listed twice")
             seen.add(v)
@@ -153,12 +176,10 @@ def read_coco_captions(annotations: str | Path, images: str | Path, key: str = "
         stats["annotations_without_image"] = sum(len(c) for i, c in captions.items()
                                                  if i not in known)
     records = []
-    for im in listed:
-        image_id = _require(im, "id", annotations, key)
+    for image_id, name in zip(ids, names):
         notes: list[str] = []
         caps = _clean_texts(captions.get(image_id, []), f"caption of image {image_id}", notes)
-        records.append(Record(id=str(image_id), path=str(root / _require(im, "file_name", annotations, key)),
-                              captions=caps, notes=notes))
+        records.append(Record(id=str(image_id), path=str(root / name), captions=caps, notes=notes))
     if not records:
         raise SourceError(f"{key} = '{annotations}': no images listed")
     return sorted(records, key=lambda r: r.path)
@@ -192,22 +213,24 @@ def read_vqa(questions: str | Path, annotations: str | Path, qkey: str = "questi
     `stats["annotations_without_question"]` counts annotations whose `question_id` the
     questions JSON does not list."""
     qdata, adata = _load_json(questions, qkey), _load_json(annotations, akey)
-    anns = {_require(a, "question_id", annotations, akey): a
-            for a in _require(adata, "annotations", annotations, akey)}
+    anns = {_require_id(a, "question_id", annotations, akey, text_ok=False): a
+            for a in _require_list(adata, "annotations", annotations, akey)}
+    qlist = _require_list(qdata, "questions", questions, qkey)
+    qids = [_require_id(q, "question_id", questions, qkey, text_ok=False) for q in qlist]
     if stats is not None:
-        asked = {_require(q, "question_id", questions, qkey)
-                 for q in _require(qdata, "questions", questions, qkey)}
+        asked = set(qids)
         stats["annotations_without_question"] = sum(1 for q in anns if q not in asked)
     out: dict[int, list[dict]] = {}
-    for q in sorted(_require(qdata, "questions", questions, qkey), key=lambda q: q["question_id"]):
-        qid = _require(q, "question_id", questions, qkey)
+    for qid, q in sorted(zip(qids, qlist), key=lambda t: t[0]):
         a = anns.get(qid)
         if a is None:
             raise SourceError(f"{akey} = '{annotations}': no annotation for question_id {qid}")
-        answers = [_require(x, "answer", annotations, akey) for x in _require(a, "answers", annotations, akey)]
+        answers = [_require_text(x, "answer", annotations, akey)
+                   for x in _require_list(a, "answers", annotations, akey)]
         notes: list[str] = []
         question = _clean_texts([_require(q, "question", questions, qkey)], f"question {qid}", notes)
-        out.setdefault(_require(q, "image_id", questions, qkey), []).append({
+        image_id = _require_id(q, "image_id", questions, qkey, text_ok=False)
+        out.setdefault(image_id, []).append({
             "question": question[0] if question else "",
             "answers": [normalize_text(x) for x in answers],
             "answer_type": str(a.get("answer_type", "")),
