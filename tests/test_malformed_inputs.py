@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_cfg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import make_tiny_cfg
 from jetformer.cli import main
 from jetformer.data import readers
 from jetformer.data.readers import BadFile, SourceError, load_image
