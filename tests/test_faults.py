@@ -4,6 +4,7 @@ I/O error at fsync, failed rename, interrupt, SIGKILL of the writing process): t
 file stays byte-identical and loadable."""
 import errno
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -49,16 +50,35 @@ def micro_cfg(project: Path):
 
 
 class Keep:
-    """Reporter copying every checkpoint to `<dst>/checkpoint_<k>` as Ray's storage does."""
+    """Reporter copying every checkpoint to `<dst>/checkpoint_<date>_<time>` as Ray Train v2's
+    storage does."""
 
     def __init__(self, dst: Path):
         self.dst, self.dirs = dst, []
 
     def __call__(self, metrics, checkpoint_dir):
         if checkpoint_dir is not None:
-            d = self.dst / f"checkpoint_{len(self.dirs):06d}"
+            k = len(self.dirs)
+            d = self.dst / f"checkpoint_2026-12-01_09-{k:02d}-59.{999999 - k:06d}"
             shutil.copytree(checkpoint_dir, d)
             self.dirs.append(d)
+
+
+@pytest.mark.parametrize("names", [
+    ["checkpoint_000002", "checkpoint_000010", "checkpoint_000009", "checkpoint_000011"],
+    ["checkpoint_2026-11-30_23-59-59.999999", "checkpoint_2026-12-01_21-59-22.908982",
+     "checkpoint_2026-12-01_21-47-00.037468", "checkpoint_2026-12-02_00-00-00.000001"],
+    ["step3", "step12", "step6", "step24"]])
+def test_previous_checkpoints_newest_first(tmp_path, names):
+    """Numbered (Ray Train v1), dated (Ray Train v2) and `step<N>` names; other entries of
+    the run directory are not checkpoints."""
+    for n in names + ["checkpoint_manager_snapshot.json", "other_000001", ".validate"]:
+        (tmp_path / n).mkdir()
+    newest = tmp_path / names[1]                      # the 4th name is newer: not "previous"
+    expected = sorted(names[:3], key=lambda n: [int(x) for x in re.findall(r"\d+", n)],
+                      reverse=True)[1:]
+    assert [p.name for p in ckpt.previous_checkpoints(newest)] == expected
+    assert ckpt.previous_checkpoints(tmp_path / "checkpoint_manager_snapshot.json") == []
 
 
 @pytest.fixture(scope="module")

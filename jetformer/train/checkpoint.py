@@ -68,19 +68,28 @@ def load_state(checkpoint_dir: str | Path) -> dict:
     return state
 
 
+def _checkpoint_order(name: str) -> tuple[str, tuple[int, ...]] | None:
+    """("checkpoint_", numbers) for numbered or dated names (`checkpoint_000007`, Ray Train
+    v2's `checkpoint_2026-12-01_21-59-22.908982`, `step3`); None for other names."""
+    m = re.fullmatch(r"(\D*)(\d[\d._-]*)", name)
+    if m is None:
+        return None
+    return m.group(1), tuple(int(x) for x in re.findall(r"\d+", m.group(2)))
+
+
 def previous_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
-    """Older siblings of a numbered checkpoint directory, newest first: for Ray's
-    `checkpoint_000007` the existing `checkpoint_000006`, `checkpoint_000005`, ..."""
+    """Older siblings of a numbered or dated checkpoint directory, newest first: for
+    `checkpoint_000007` the existing `checkpoint_000006`, `checkpoint_000005`, ...; for Ray
+    Train v2's `checkpoint_<date>_<time>` the earlier dates."""
     d = Path(checkpoint_dir)
-    m = re.fullmatch(r"(.*?)(\d+)", d.name)
-    if m is None or not d.parent.is_dir():
+    mine = _checkpoint_order(d.name)
+    if mine is None or not d.parent.is_dir():
         return []
-    prefix, number = m.group(1), int(m.group(2))
     older = []
     for p in d.parent.iterdir():
-        mm = re.fullmatch(re.escape(prefix) + r"(\d+)", p.name)
-        if mm and int(mm.group(1)) < number and p.is_dir():
-            older.append((int(mm.group(1)), p))
+        order = _checkpoint_order(p.name)
+        if order is not None and order[0] == mine[0] and order[1] < mine[1] and p.is_dir():
+            older.append((order[1], p))
     return [p for _, p in sorted(older, reverse=True)]
 
 
