@@ -116,6 +116,14 @@ def test_empty_class_directory_is_refused_naming_it(tmp_path):
     with pytest.raises(PrepareError, match=r"class directories without any image file \(b_empty"):
         prepare(_cfg(tmp_path, "imagefolder", train_images=tr, val_images=va))
     assert not (tmp_path / "prepared").exists()
+    # the val split may lack a class: labels come from the training split's class list
+    _img(tr / "b_empty/z.png")
+    _img(va / "c/w.png")
+    (va / "b_empty").mkdir()
+    report = prepare(_cfg(tmp_path, "imagefolder", train_images=tr, val_images=va))
+    assert report["classes"] == ["a", "b_empty", "c"]
+    from jetformer.data.dataset import ArrowImageDataset
+    assert sorted(it["label"] for it in ArrowImageDataset(tmp_path / "prepared", "val")) == [0, 2]
 
 
 def test_class_whose_every_image_is_broken_is_refused(tmp_path):

@@ -72,7 +72,7 @@ def read_source(cfg, split: str, stats: dict | None = None) -> tuple[list[str], 
         images = getattr(section, f"{split}_images")
         key = f"data.{d.source}.{split}_"
         if d.source == "imagefolder":
-            return readers.read_imagefolder(images, key + "images")
+            return readers.read_imagefolder(images, key + "images", allow_empty=split != "train")
         if d.source == "coco":
             return [], readers.read_coco_captions(getattr(section, f"{split}_annotations"), images,
                                                   key + "annotations", stats)

@@ -120,12 +120,14 @@ def list_images(root: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- readers
-def read_imagefolder(root: str | Path, key: str = "images") -> tuple[list[str], list[Record]]:
+def read_imagefolder(root: str | Path, key: str = "images", allow_empty: bool = False
+                     ) -> tuple[list[str], list[Record]]:
     """ImageFolder (ImageNet layout): `root/<class>/<file>`; classes sorted by name; the id is
     the path under `root` with its extension (`a/x.jpg` and `a/x.png` are two images).
 
-    A class directory without any image file is refused (torchvision's ImageFolder with
-    `allow_empty=False`): as a class it would have no examples and shift every later label."""
+    A class directory without any image file is refused unless `allow_empty` (torchvision's
+    ImageFolder semantics): in the training split it would be a class without examples. The
+    val split may lack a class (`prepare` takes the class list from the training split)."""
     root = _check_dir(root, key)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
@@ -138,7 +140,7 @@ def read_imagefolder(root: str | Path, key: str = "images") -> tuple[list[str], 
             empty.append(name)
         for p in files:
             records.append(Record(id=p.relative_to(root).as_posix(), path=str(p), label=label))
-    if empty:
+    if empty and not allow_empty:
         raise SourceError(f"{key} = '{root}': class directories without any image file "
                           f"({', '.join(empty[:5])}{', ...' if len(empty) > 5 else ''}; "
                           f"{len(empty)} of {len(classes)}): a class without examples would "
@@ -260,7 +262,8 @@ def read_synthetic(out_dir: str | Path, split: str) -> tuple[list[str], list[Rec
     the image id, all through the readers above."""
     from jetformer.data.synthetic import world_paths   # world layout only
     p = world_paths(out_dir, split)
-    classes, records = read_imagefolder(p["images"], f"data.synthetic.out_dir (images/{split})")
+    classes, records = read_imagefolder(p["images"], f"data.synthetic.out_dir (images/{split})",
+                                        allow_empty=split != "train")
     coco = {r.path: r for r in read_coco_captions(p["captions"], p["images"], f"captions_{split}.json")}
     qa = read_vqa(p["questions"], p["answers"], f"questions_{split}.json", f"answers_{split}.json")
     attributes = _load_json(p["attributes"], f"attributes_{split}.json")
