@@ -118,23 +118,24 @@ def ignore_reason(path: Path, root: Path, source: str, by_id: dict | None = None
 
 
 def account_files(root: Path, records: list[Record], left_out: list[Record], source: str
-                  ) -> list[dict]:
-    """`{"file", "reason"}` of every file under `root` that is not an image of `records`
-    (`left_out`: records dropped by `data.max_images`)."""
+                  ) -> tuple[int, list[dict]]:
+    """(number of files under `root`, `{"file", "reason"}` of each that is not an image of
+    `records`; `left_out`: records dropped by `data.max_images`)."""
     used = {os.path.realpath(r.path) for r in records}
     dropped = {os.path.realpath(r.path) for r in left_out}
     by_id = readers.index_by_image_id(root) if source == "vqav2" else None
-    ignored = []
+    ignored, found = [], 0
     for p in sorted(root.rglob("*")):
         if p.is_dir():
             continue
+        found += 1
         real = os.path.realpath(p)
         if real in used:
             continue
         reason = ("left out by data.max_images" if real in dropped
                   else ignore_reason(p, root, source, by_id))
         ignored.append({"file": str(p), "reason": reason})
-    return ignored
+    return found, ignored
 
 
 def _check_unique_ids(records: list[Record], split: str) -> None:
@@ -229,7 +230,7 @@ def prepare(cfg, on_shard_done=None) -> dict:
         from jetformer.data.synthetic import generate_world
         generate_world(d.synthetic)
     t_read = time.perf_counter()
-    splits, source_stats, ignored = {}, {}, {}
+    splits, source_stats, ignored, found = {}, {}, {}, {}
     for split in SPLITS:
         source_stats[split] = {}
         classes, records = read_source(cfg, split, source_stats[split])
@@ -241,7 +242,8 @@ def prepare(cfg, on_shard_done=None) -> dict:
             left_out = [r for i, r in enumerate(records) if i not in kept]
             records = [records[i] for i in keep]
         splits[split] = (classes, records)
-        ignored[split] = account_files(source_root(cfg, split), records, left_out, d.source)
+        found[split], ignored[split] = account_files(source_root(cfg, split), records,
+                                                     left_out, d.source)
     classes = splits["train"][0]
     if splits["val"][0] and splits["val"][0] != classes:
         raise PrepareError(f"class directories differ between train ({classes}) and val "
@@ -276,7 +278,7 @@ def prepare(cfg, on_shard_done=None) -> dict:
         for x in ignored[split]:
             by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
         s = report["splits"][split] = {
-            "files": total, "files_found": 0, "written": sum(o["written"] for o in outcomes),
+            "files": total, "files_found": found[split], "written": sum(o["written"] for o in outcomes),
             "converted": len(converted), "skipped": len(skipped), "ignored": len(ignored[split]),
             "missing": len(missing),
             "resized": sum(o["resized"] for o in outcomes),
@@ -286,11 +288,10 @@ def prepare(cfg, on_shard_done=None) -> dict:
             "shard_sizes": [o["written"] for o in outcomes if o["written"]],
             "skipped_files": skipped, "converted_files": converted, "missing_files": missing,
             "ignored_by_reason": by_reason, "ignored_files": ignored[split]}
-        root = source_root(cfg, split)
-        s["files_found"] = sum(1 for p in root.rglob("*") if not p.is_dir())
         if s["written"] + s["skipped"] + s["ignored"] != s["files_found"]:
             raise PrepareError(   # a file would vanish without a line: never silently
-                f"split '{split}': {s['files_found']} files under {root}, but {s['written']} "
+                f"split '{split}': {s['files_found']} files under {source_root(cfg, split)}, "
+                f"but {s['written']} "
                 f"written + {s['skipped']} skipped + {s['ignored']} ignored (files listed twice?)")
         how = {x["file"]: x["reason"] for x in converted}
         listing_rows += [(split, "converted" if f in how else "written", i, f, how.get(f, ""))
