@@ -278,7 +278,8 @@ def prepare(cfg, on_shard_done=None) -> dict:
         for x in ignored[split]:
             by_reason[x["reason"]] = by_reason.get(x["reason"], 0) + 1
         s = report["splits"][split] = {
-            "files": total, "files_found": found[split], "written": sum(o["written"] for o in outcomes),
+            "files": total, "files_found": found[split],
+            "written": sum(o["written"] for o in outcomes),
             "converted": len(converted), "skipped": len(skipped), "ignored": len(ignored[split]),
             "missing": len(missing),
             "resized": sum(o["resized"] for o in outcomes),
