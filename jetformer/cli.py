@@ -119,6 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     module, func, _ = COMMANDS[args.command]
     try:
         return int(getattr(importlib.import_module(module), func)(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ConfigError, OSError, ValueError) as e:   # bad input: one line, exit status 1
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        return 1

@@ -380,9 +380,13 @@ def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
                 raise bad("a number") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        if not math.isfinite(float(value)):
+        try:
+            value = float(value)
+        except OverflowError:       # an integer beyond the float range
+            raise bad("a finite number") from None
+        if not math.isfinite(value):
             raise bad("a finite number")
-        return float(value)
+        return value
     if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
         if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
             raise bad("a non-empty list of strings")
@@ -404,7 +408,7 @@ def _build(cls, data: Any, prefix: str, source: str):
                           f"got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=repr)   # keys may be ints, None, ... in YAML
     if unknown:
         raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
                           f"(valid keys in '{prefix.rstrip('.') or '<root>'}': {sorted(names)})")
@@ -451,9 +455,17 @@ def deep_merge(base: dict, overlay: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- derived values
+def _bounded_pow(a, b):
+    """`a ** b`, refusing integer powers beyond 1000 bits (`10 ** 10 ** 10` would not end)."""
+    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0 \
+            and b * abs(a).bit_length() > 1000:
+        raise OverflowError(f"{a} ** {b} is too large")
+    return a ** b
+
+
 _DERIVED_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
                 ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-                ast.Pow: operator.pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
+                ast.Pow: _bounded_pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
 _DERIVED_FUNCS = {"min": min, "max": max, "round": round, "int": int}
 
 
@@ -485,7 +497,7 @@ def resolve_derived(merged: dict) -> dict:
         if key not in flat_all:
             raise ConfigError(f"derived value of '{stack[-1]}' refers to unknown key '{key}'")
         value = flat_all[key]
-        if types[key] not in (int, float) or not is_derived(value):
+        if types.get(key) not in (int, float) or not is_derived(value):
             return value
         if key in stack:
             raise ConfigError(f"derived values form a cycle: {' -> '.join(stack + (key,))}")
@@ -547,11 +559,18 @@ def _eval_derived(key: str, text: str, lookup, tp) -> int | float:
         if isinstance(e, ConfigError):
             raise
         raise fail(str(e)) from None
+    if isinstance(result, complex) or (isinstance(result, int) and result.bit_length() > 1000):
+        raise fail("evaluates to a complex or too large number")
+    if not math.isfinite(result):
+        raise fail(f"evaluates to {result}, not a finite number")
     if tp is int:
         if isinstance(result, float) and not result.is_integer():
             raise fail(f"evaluates to {result}, but the key expects an integer")
         return int(result)
-    return float(result)
+    try:
+        return float(result)
+    except OverflowError:
+        raise fail("evaluates to a number beyond the float range") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -560,8 +579,8 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"parameter file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as e:   # ValueError: 5000-digit ints
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(e).split())}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -574,7 +593,11 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.path=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        raise ConfigError(f"override {text!r}: the value of '{key.strip()}' is not valid YAML "
+                          f"({' '.join(str(e).split())})") from None
     out: dict = {}
     cur = out
     parts = key.strip().split(".")

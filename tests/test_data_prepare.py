@@ -52,10 +52,12 @@ def test_every_bad_file_kind_skipped_or_converted_with_reason(prepared):
         assert "RGBA -> RGB" in reason["rgba"]
         assert "P -> RGB" in reason["palette"]
         assert "CMYK -> RGB" in reason["cmyk"]
-        assert "huge" in reason["huge"]
+        assert reason["huge"] is None           # plain downscaling: counted, not listed
+        assert 1 <= s["downscaled_huge"] <= s["resized"] <= s["written"]
         odd = str(first_id + len(kinds))
         assert "odd Unicode" in converted[odd]
         assert s["written"] == s["files"] - len(synthetic.BROKEN_KINDS)
+        assert s["written"] + s["skipped"] + s["ignored"] == s["files_found"] == s["files"]
     metrics = prepare_metrics(report)
     assert len(metrics["skipped_files"]) == 2 * len(synthetic.BROKEN_KINDS)
     assert all(x["reason"] for x in metrics["skipped_files"])

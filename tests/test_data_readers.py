@@ -18,7 +18,8 @@ def test_imagefolder_fixture():
     classes, records = readers.read_imagefolder(FIX / "imagefolder" / "train")
     assert classes == ["n01443537", "n01530575"]
     assert [(r.id, r.label) for r in records] == [
-        ("n01443537/n01443537_10007", 0), ("n01443537/n01443537_2", 0), ("n01530575/n01530575_10018", 1)]
+        ("n01443537/n01443537_10007.JPEG", 0), ("n01443537/n01443537_2.JPEG", 0),
+        ("n01530575/n01530575_10018.JPEG", 1)]
 
 
 def test_coco_captions_fixture():

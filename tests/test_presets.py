@@ -69,7 +69,7 @@ def test_info_human_readable(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "params_total" in out and "params_flow" in out
-    assert main(["info", "--preset", "no_such_preset"]) == 2
+    assert main(["info", "--preset", "no_such_preset"]) == 1
 
 
 @pytest.mark.parametrize("recipe", ["coco_t2i", "coco_ti"])

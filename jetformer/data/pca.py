@@ -9,7 +9,6 @@ channel) from images in model space x = I/127.5 − 1.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from jetformer.models.jet import patchify
+from jetformer.safe_io import atomic_torch_save, safe_load
 
 
 def image_patches(images_uint8: np.ndarray, p: int) -> np.ndarray:
@@ -38,11 +38,8 @@ def fit_pca(images_uint8: np.ndarray, patch_size: int) -> dict:
 
 
 def save_pca(pca: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(pca, tmp)
-    os.replace(tmp, path)
+    """Write the PCA dict (plain tensors and an int) atomically."""
+    atomic_torch_save(pca, path)
 
 
 def load_pca(path: str | Path, patch_size: int | None = None) -> dict:
@@ -51,12 +48,19 @@ def load_pca(path: str | Path, patch_size: int | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"PCA file {path} not found: set pca.enabled: true and run the "
                                 "`fit_pca` stage (dvc repro fit_pca)")
-    pca = torch.load(path, map_location="cpu", weights_only=True)
-    p = pca.get("patch_size")
+    pca = safe_load(path, "PCA file")
+    if not isinstance(pca, dict) or not {"components", "mean", "patch_size"} <= set(pca):
+        raise ValueError(f"{path}: not a PCA file (expected a dict with components, mean, "
+                         "patch_size)")
+    p = pca["patch_size"]
+    if isinstance(p, bool) or not isinstance(p, int) or p <= 0:
+        raise ValueError(f"{path}: patch_size {p!r} is not a positive integer")
     if patch_size is not None and p != patch_size:
         raise ValueError(f"{path}: fitted for patch size {p}, but model.patch_size = {patch_size}; "
                          "rerun fit_pca")
     d = 3 * p * p
+    if not (torch.is_tensor(pca["components"]) and torch.is_tensor(pca["mean"])):
+        raise ValueError(f"{path}: components and mean must be tensors")
     if tuple(pca["components"].shape) != (d, d) or tuple(pca["mean"].shape) != (d,):
         raise ValueError(f"{path}: components {tuple(pca['components'].shape)} / mean "
                          f"{tuple(pca['mean'].shape)} do not match 3p² = {d}")

@@ -3,7 +3,7 @@
 Every command loads the exported checkpoint (`load_trained`), its tokenizer, and reads images
 exactly as `prepare` does (RGB, shorter side resized, central crop). A missing path raises
 FileNotFoundError and an unreadable image ValueError, both naming the file (the CLI prints
-them as `error: ...` and exits with status 2).
+them as one line `error: ...` and exits with status 1).
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ import torch
 from jetformer.config import Config
 from jetformer.data.dataset import ArrowImageDataset
 from jetformer.eval.report import read_json, write_csv, write_json
+from jetformer.safe_io import safe_load
 
 
 def _device() -> str:
@@ -206,7 +207,7 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
                 unavailable(f"{kind}_{k}", why)
             unavailable(f"baseline_{kind}_attribute_accuracy", why)
             continue
-        s = torch.load(Path(samples) / f"{kind}.pt", weights_only=False)
+        s = safe_load(Path(samples) / f"{kind}.pt", "samples")
         images = s["images"]
         result[f"{kind}_num_samples"] = len(images)
         if extractor:
@@ -265,7 +266,7 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
 
     out_dir = Path(out_dir or f"models/finetune_{task}")
     model, mcfg = load_trained(cfg.train.out_dir)
-    source = torch.load(model_file(cfg.train.out_dir), map_location="cpu", weights_only=False)
+    source = safe_load(model_file(cfg.train.out_dir), "model checkpoint")
     splits, role = _role_splits(cfg, task, "train")
     info = {"task": task, "steps": 0, "skipped": "", "source": role.get("source", "")}
     need = "captions" if task == "caption" else "qa"

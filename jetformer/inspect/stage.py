@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from jetformer.safe_io import safe_load
+
 NUM_IMAGES = 4            # val images per grid
 NUM_COMPLETIONS = 3       # completions per image (from the top half of the patch rows)
 NUM_ROUNDTRIP_SHOWN = 8   # samples shown in the round-trip grid
@@ -46,7 +48,7 @@ def _roundtrip(cfg, samples: Path, captioner: Path, plots: Path, table: Path) ->
         return {**null, "roundtrip_skipped": f"no captioner: {info['skipped']}"}
     if not (samples / "t2i.pt").is_file():
         return {**null, "roundtrip_skipped": f"no text-to-image samples in {samples}"}
-    s = torch.load(samples / "t2i.pt", map_location="cpu", weights_only=False)
+    s = safe_load(samples / "t2i.pt", "samples")
     net, _, tokenizer = _load_finetuned(captioner, cfg)
     captions = generate_captions(net, tokenizer, s["images"], max_len=cfg.eval.max_decode_len,
                                  batch_size=cfg.eval.batch_size)

@@ -123,7 +123,8 @@ def load_inputs(cfg: Config) -> dict:
         num_classes = cfg.model.num_classes or len(meta["classes"])
     pca = None
     if cfg.model.factoring == "pca":
-        pca = torch.load(cfg.pca.out_path, map_location="cpu", weights_only=False)
+        from jetformer.data.pca import load_pca
+        pca = load_pca(cfg.pca.out_path)
     return {"tokenizer": tokenizer, "vocab_size": vocab_size, "num_classes": num_classes,
             "pca": pca, "classes": meta["classes"]}
 
@@ -234,7 +235,7 @@ class _Trainer:
     def rank_state(self) -> dict:
         return {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(), "python": random.getstate(),
+                "numpy": ckpt.numpy_rng_state(), "python": random.getstate(),
                 "step_gen": self.step_gen.get_state(), "data_gen": self.data_gen.get_state(),
                 "flip_gen": self.flip_gen.get_state(), "data_position": self.stream.state()}
 
@@ -242,7 +243,7 @@ class _Trainer:
         torch.set_rng_state(s["torch"])
         if s["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(s["cuda"])
-        np.random.set_state(s["numpy"])
+        ckpt.set_numpy_rng_state(s["numpy"])
         random.setstate(s["python"])
         self.step_gen.set_state(s["step_gen"])
         self.data_gen.set_state(s["data_gen"])
@@ -269,7 +270,8 @@ class _Trainer:
                 "train_time_s": self.train_time, "metrics": metrics}
 
     def restore(self, checkpoint_dir: str) -> None:
-        s = ckpt.load_state(checkpoint_dir)
+        s, used = ckpt.load_state_or_previous(checkpoint_dir)   # truncated newest -> previous
+        checkpoint_dir = str(used)
         if s["config_hash"] != ckpt.training_hash(self.cfg):
             raise ValueError(f"{checkpoint_dir}: checkpoint of a different training config "
                              f"({s['config_hash']} != {ckpt.training_hash(self.cfg)})")

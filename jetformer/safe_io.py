@@ -1,0 +1,123 @@
+"""Files that never run code: atomic writes, and `torch.load` restricted to plain data.
+
+Everything the project saves with `torch` (training state, exported model, PCA, evaluation
+samples) holds only tensors, numbers, strings, bytes, None, lists, tuples and dicts;
+`atomic_torch_save` refuses anything else, and `safe_load` reads with `weights_only=True`, so a
+file that would build another object when unpickled (the classic `__reduce__` payload) is
+refused before any of its code runs.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+PLAIN_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+CONVERT_HINT = ("if it is a JetFormer checkpoint written before checkpoints were plain data "
+                "and you trust its origin, convert it once with `python -m "
+                "jetformer.train.checkpoint convert {path}`")
+
+
+class UnsafeFileError(ValueError):
+    """A file needs code execution to load (or is not a torch file at all)."""
+
+
+def check_plain(obj, where: str = "") -> None:
+    """Raise TypeError naming the first value that `weights_only` loading could not read."""
+    if torch.is_tensor(obj) or isinstance(obj, PLAIN_SCALARS):
+        return
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"{where or '<root>'}: key {k!r} is not a string or integer")
+            check_plain(v, f"{where}.{k}" if where else str(k))
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where or '<root>'}: {type(obj).__module__}.{type(obj).__qualname__} is "
+                    "not plain data (tensors, numbers, strings, bytes, lists, dicts)")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic(path: str | Path, write) -> None:
+    """`write(file object)` into a temp file beside `path`, fsync, then `os.replace`: a crash,
+    a full disk or an exception at any point leaves the previous `path` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (never a half file)."""
+    _atomic(path, lambda f: f.write(data))
+
+
+def atomic_torch_save(obj, path: str | Path) -> None:
+    """`torch.save` of plain data (checked first, see `check_plain`) to `path`, atomically."""
+    check_plain(obj)
+    _atomic(path, lambda f: torch.save(obj, f))
+
+
+def _one_line(e: BaseException) -> str:
+    """The first sentence of an error message (torch's are paragraphs)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return re.split(r"(?<=\.) ", text, maxsplit=1)[0][:200]
+
+
+def safe_load(path: str | Path, what: str = "file"):
+    """`torch.load(path, weights_only=True)` on CPU, with one-line errors naming the file:
+    FileNotFoundError if missing, UnsafeFileError if loading it would execute code (nothing
+    of it runs), ValueError if it is truncated or not a torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():   # (torch warns about the pickle protocol of odd files)
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        text = str(e)
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if m:
+            raise UnsafeFileError(f"{path}: refused to load {what}: unpickling it would call "
+                                  f"{m.group(1)}, code from the file; "
+                                  + CONVERT_HINT.format(path=path)) from None
+        m = re.search(r"Unsupported operand (\d+)", text)
+        if m:
+            raise UnsafeFileError(f"{path}: refused to load {what}: not a file written by "
+                                  f"torch.save (pickle opcode {m.group(1)} is not allowed)"
+                                  ) from None
+        raise UnsafeFileError(f"{path}: refused to load {what}: {_one_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 (truncated zip, random bytes, empty file, ...)
+        raise ValueError(f"{path}: cannot read {what} (corrupt or truncated: "
+                         f"{type(e).__name__}: {_one_line(e)})") from None
