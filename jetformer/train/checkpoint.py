@@ -216,9 +216,10 @@ def _numpy_rng_globals() -> list:
     """The only non-plain objects old checkpoints held: numpy arrays (`np.random.get_state()`),
     allowed by name for `weights_only` loading under numpy 1 and 2 module paths."""
     core = getattr(np, "_core", None) or np.core
-    rebuild = core.multiarray._reconstruct
-    return [np.ndarray, np.dtype, (rebuild, "numpy.core.multiarray._reconstruct"),
-            (rebuild, "numpy._core.multiarray._reconstruct")]
+    named = [(getattr(core.multiarray, f), f"numpy.{m}.multiarray.{f}")
+             for f in ("_reconstruct", "scalar") for m in ("core", "_core")]
+    dtypes = [type(np.dtype(t)) for t in "?bBhHiIlLqQefdgFDG"]
+    return [np.ndarray, np.dtype, *dtypes, *named]
 
 
 def convert_legacy(path: str | Path) -> Path:
