@@ -272,7 +272,7 @@ def test_inspect_stage_writes_grids_and_metrics(tmp_path):
     from jetformer.train.checkpoint import atomic_torch_save
 
     cfg = make_tiny_cfg(f"data.synthetic.out_dir={tmp_path / 'raw'}",
-                        f"data.prepared_dir={tmp_path / 'prepared'}", "data.synthetic.num_train=8",
+                        f"data.prepared_dir={tmp_path / 'prepared'}", "data.synthetic.num_train=24",
                         "data.synthetic.num_val=5", "data.synthetic.bad_files=false",
                         "data.workers=1", f"train.out_dir={tmp_path / 'ck'}",
                         f"tokenizer.out_path={tmp_path / 'tok.model'}", "eval.batch_size=4",
