@@ -216,7 +216,9 @@ def prepare(cfg, on_shard_done=None) -> dict:
                 "num_val": report["splits"]["val"]["written"],
                 "shards": {s: report["splits"][s]["shards"] for s in SPLITS}}
     _write_json(work / "metadata.json", metadata)
-    _write_json(work / "prepare_report.json", report)
+    # no timings in the output: the same data prepared again must hash the same for DVC
+    _write_json(work / "prepare_report.json",
+                {k: v for k, v in report.items() if k not in ("seconds", "images_per_s")})
     for split in SPLITS:   # per-shard outcome files are folded into the report
         for o in (work / split).glob("shard-*.json"):
             o.unlink()

@@ -2,12 +2,12 @@
 them to the command line through `jetformer.stage.run_stage`)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from jetformer.config import Config
+from jetformer.stage import write_metrics
 
 
 def run_prepare(cfg: Config, metrics: str | Path = "metrics/prepare.json") -> dict:
@@ -18,11 +18,7 @@ def run_prepare(cfg: Config, metrics: str | Path = "metrics/prepare.json") -> di
     report = prepare(cfg, on_shard_done=lambda o: print(
         f"  shard {o['file']}: {o['written']} images, {len(o['skipped'])} skipped", flush=True))
     out_metrics = prepare_metrics(report)
-    out = Path(metrics)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(out_metrics, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_metrics(metrics, out_metrics)      # flat: the per-file lists stay in the report
     for split, s in report["splits"].items():
         print(f"{split}: {s['written']} written, {s['skipped']} skipped, {s['converted']} converted")
         for x in s["skipped_files"]:
