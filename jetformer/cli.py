@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True)
     p.add_argument("--tracking-uri", default="")
     p.add_argument("--parent-run", default="", help="only children of this run (a sweep)")
+    p.add_argument("--dvc-exp", default="", help="only the runs of this `dvc exp run` experiment")
+    p.add_argument("--sweep", default="", help="only the trials of this Ray Tune sweep")
+    p.add_argument("--ablation-table", default="", help="only the rows of this ablation table")
+    p.add_argument("--role", default="", help="only runs of this role (train, eval, trial, ...)")
     p.add_argument("--out-dir", default="experiments/results")
     return parser
 
