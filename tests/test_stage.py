@@ -96,3 +96,19 @@ def test_metrics_files_hold_flat_scalars(tmp_path):
     assert json.loads((tmp_path / "m.json").read_text()) == written == {
         "fid": 1.5, "ok": True, "name": "domain", "nan": None,
         "per_type_yes/no": 0.5, "per_type_number_small": 0.25}
+
+
+def test_progress_prints_a_line_every_tenth_when_not_a_terminal():
+    import io
+
+    from jetformer.progress import progress
+    buf = io.StringIO()
+    assert list(progress(range(0, 50, 2), "decode", file=buf, delay=0)) == list(range(0, 50, 2))
+    lines = buf.getvalue().splitlines()
+    done = [int(ln.split("(")[1].split("/")[0]) for ln in lines]
+    assert done == [3, 5, 8, 10, 13, 15, 18, 20, 23, 25], lines   # 25 items: one line per tenth
+    assert lines[-1].startswith("decode: 100% (25/25) ") and "ETA 0s" in lines[-1]
+    quiet = io.StringIO()                             # a loop shorter than `delay`: silent
+    assert list(progress([1, 2, 3], "x", file=quiet, delay=60)) == [1, 2, 3]
+    assert quiet.getvalue() == ""
+    assert list(progress(iter([1, 2]), "no length", file=quiet, delay=0)) == [1, 2]

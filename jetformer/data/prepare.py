@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from jetformer.data import readers
 from jetformer.data.readers import BadFile, Record, SourceError
+from jetformer.progress import progress
 
 SPLITS = ("train", "val")
 FORMAT_VERSION = 1
@@ -232,14 +233,14 @@ def _first_reasons(skipped: list[dict], n: int = 3) -> str:
 
 def _run_jobs(jobs, resolution: int, min_side: int, workers: int, on_shard_done) -> None:
     if workers <= 1 or len(jobs) <= 1:
-        for chunk, path in jobs:
+        for chunk, path in progress(jobs, "prepare shards"):
             outcome = write_shard(chunk, path, resolution, min_side)
             if on_shard_done:
                 on_shard_done(outcome)
         return
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(write_shard, chunk, path, resolution, min_side) for chunk, path in jobs]
-        for f in futures:
+        for f in progress(futures, "prepare shards"):
             outcome = f.result()
             if on_shard_done:
                 on_shard_done(outcome)
