@@ -39,6 +39,15 @@ class Terminated(KeyboardInterrupt):
     interrupt handlers run (a training marks its MLflow run KILLED)."""
 
 
+_SIGTERM_RECEIVED = threading.Event()
+
+
+def sigterm_received() -> bool:
+    """Whether a `sigterm_raises` block of this process got SIGTERM (libraries such as Ray
+    may turn the `Terminated` into a plain KeyboardInterrupt on its way up)."""
+    return _SIGTERM_RECEIVED.is_set()
+
+
 @contextlib.contextmanager
 def sigterm_raises():
     """Within the block SIGTERM raises `Terminated` in the main thread (once; a second
@@ -49,6 +58,7 @@ def sigterm_raises():
 
     def handler(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _SIGTERM_RECEIVED.set()
         raise Terminated(f"signal {signum}")
     old = signal.signal(signal.SIGTERM, handler)
     try:
@@ -102,6 +112,7 @@ def run_stage(name: str, fn: Callable, doc: str | None = None, *, argv=None, ove
     args = vars(ap.parse_args(argv))
     params, presets, sets = args.pop("params"), args.pop("preset", ()), args.pop("set", ())
     label = name.format(**args)
+    _SIGTERM_RECEIVED.clear()
     try:
         with sigterm_raises():
             cfg = load_config(params, presets, sets)    # invalid params stop here, before compute
@@ -109,9 +120,9 @@ def run_stage(name: str, fn: Callable, doc: str | None = None, *, argv=None, ove
     except (ConfigError, FileNotFoundError, ValueError, StageError, *errors) as e:
         print(f"{label} failed: {e}", file=sys.stderr)
         return 1
-    except Terminated:
-        print(f"{label}: terminated (SIGTERM)", file=sys.stderr)
-        return 143
-    except (KeyboardInterrupt, SystemExit):             # Ctrl-C: never report success to DVC
-        return 130
+    except (KeyboardInterrupt, SystemExit):             # never report success to DVC
+        if sigterm_received():
+            print(f"{label}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        return 130                                      # Ctrl-C
     return 0

@@ -7,10 +7,11 @@ copied to a temp dir with params.yaml + experiments/presets/micro.yaml, the venv
     declared output exists; a third `dvc repro` does nothing;
   * changing `data.workers` or `mlflow.tracking_uri` leaves every stage up to date;
   * the README's `dvc exp run --queue` lines (values scaled to the micro budget) and
-    `--run-all`: each experiment has its own training and evaluation runs in the repository's
-    MLflow store and its own Ray checkpoint; `dvc exp show` lists both with their metrics;
-  * the README's evaluation-only `dvc exp run` line: a new evaluation run nested under the
-    baseline's training run, whose metrics stay as they were.
+    `--run-all`, in the activated venv as the README says: each experiment has its own
+    training and evaluation runs in the repository's MLflow store and its own Ray checkpoint;
+    `dvc exp show` lists both with their metrics;
+  * the README's evaluation-only `.venv/bin/dvc exp run` line, nothing on PATH: a new
+    evaluation run nested under the baseline's training run, whose metrics stay as they were.
 Runs in `make test`, so a broken pipeline or workflow cannot pass the suite."""
 import json
 import math
@@ -121,7 +122,7 @@ def _readme_exp_lines() -> list[str]:
     """The README's `dvc exp run` command lines, comments stripped."""
     text = (REPO / "README.md").read_text()
     return [line.split("#")[0].strip() for line in text.splitlines()
-            if line.startswith(".venv/bin/dvc exp run")]
+            if line.startswith((".venv/bin/dvc exp run", "dvc exp run"))]
 
 
 def _with_values(line: str, k: int) -> list[str]:
@@ -245,14 +246,14 @@ def test_queued_readme_experiments_get_their_own_runs_and_checkpoints(pipeline):
     repo, env = pipeline["repo"], pipeline["env"]
     lines = _readme_exp_lines()
     queued = [line for line in lines if "--queue" in line]
-    assert len(queued) == 2 and ".venv/bin/dvc exp run --run-all" in lines, lines
+    assert len(queued) == 2 and "dvc exp run --run-all" in lines, lines
+    activated = {**env, "VIRTUAL_ENV": str(repo / ".venv"),            # `. .venv/bin/activate`
+                 "PATH": f"{repo / '.venv/bin'}{os.pathsep}{env['PATH']}"}
     before = {r.info.run_id for r in _runs(repo)}
-    for k, line in enumerate(queued):
+    for k, line in enumerate([*queued, "dvc exp run --run-all"]):
         argv = _with_values(line, k)
-        _ok(subprocess.run([str(repo / argv[0]), *argv[1:]], cwd=repo, env=env,
-                           capture_output=True, text=True, timeout=300), " ".join(argv))
-    run_all = _dvc(["exp", "run", "--run-all"], repo, env, timeout=1500)
-    _ok(run_all, "dvc exp run --run-all")
+        _ok(subprocess.run(argv, cwd=repo, env=activated, capture_output=True, text=True,
+                           timeout=1500), " ".join(argv))
 
     new = [r for r in _runs(repo) if r.info.run_id not in before]
     names = {r.data.tags.get("dvc.exp_name") for r in new}
@@ -308,8 +309,9 @@ def test_readme_evaluation_only_experiment_leaves_the_training_run_alone(pipelin
     train_metrics = dict(runs[train["mlflow_run_id"]].data.metrics)
     old_eval_metrics = dict(runs[old_eval].data.metrics)
     argv = _with_values(line, 0)
-    out = _ok(subprocess.run([str(repo / argv[0]), *argv[1:]], cwd=repo, env=env,
-                             capture_output=True, text=True, timeout=900), " ".join(argv))
+    proc = subprocess.run([str(repo / argv[0]), *argv[1:]], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=900)
+    out = _ok(proc, " ".join(argv)) + proc.stderr
     assert "Running stage 'train'" not in out and "Running stage 'sample'" in out, out[-3000:]
 
     runs = {r.info.run_id: r for r in _runs(repo)}

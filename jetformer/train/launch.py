@@ -234,6 +234,10 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
     address = t.ray_address or os.environ.get("RAY_ADDRESS", "")
     _quiet_ray_env(local=not address)
     started = _init_ray(address)
+    # Ray's core worker installs a C++ SIGTERM handler that aborts the driver; put Python's
+    # (`sigterm_raises`: unwind, mark the run KILLED) back in front of it
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
     try:
         use_gpu = _use_gpu(cfg, local=not address)
         cpus = ray.cluster_resources().get("CPU", 1.0)
