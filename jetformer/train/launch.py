@@ -233,11 +233,13 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
     t = cfg.train
     address = t.ray_address or os.environ.get("RAY_ADDRESS", "")
     _quiet_ray_env(local=not address)
+    main = threading.current_thread() is threading.main_thread()
+    ours = signal.getsignal(signal.SIGTERM) if main else None
     started = _init_ray(address)
-    # Ray's core worker installs a C++ SIGTERM handler that aborts the driver; put Python's
-    # (`sigterm_raises`: unwind, mark the run KILLED) back in front of it
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGTERM))
+    # ray.init replaces the SIGTERM handler (Python: sys.exit; its core worker's C++ one aborts
+    # the driver); put ours (`sigterm_raises`: unwind, mark the run KILLED) back
+    if main and ours is not None:
+        signal.signal(signal.SIGTERM, ours)
     try:
         use_gpu = _use_gpu(cfg, local=not address)
         cpus = ray.cluster_resources().get("CPU", 1.0)
