@@ -223,8 +223,10 @@ class _Monitor(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- the run
-def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
-    """TorchTrainer.fit(); returns (final checkpoint directory, steps logged live to MLflow)."""
+def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None,
+         logged: set[int] = frozenset()):
+    """TorchTrainer.fit(); returns (final checkpoint directory, steps logged to MLflow: `logged`
+    before, by an interrupted process, plus those logged live now)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -259,6 +261,7 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         monitor = _Monitor(q, cfg, run_id)
+        monitor.logged_steps |= set(logged)       # a resumed run re-reports a few steps
         monitor.start()
         try:
             result = trainer.fit()
@@ -347,14 +350,14 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
 
     marker = run_dir / FINAL_MARKER
     final = json.loads(marker.read_text()) if marker.is_file() else None
-    logged: set[int] = set()
+    logged = tracking.metric_steps(cfg, run_id, "loss")   # by an earlier, interrupted process
     if final and (Path(final["checkpoint"]) / ckpt.STATE_FILE).is_file():
         print(f"train: run {run_name} already finished; exporting its final checkpoint", flush=True)
         checkpoint_path, wall = final["checkpoint"], final["wall_time_s"]
     else:
         try:
             with sigterm_raises():
-                checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker)
+                checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker, logged)
         except BaseException as e:
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             tracking.end_run(cfg, run_id, status="KILLED" if interrupted else "FAILED")

@@ -204,6 +204,11 @@ def log_metrics(cfg, run_id: str, metrics: dict, step: int) -> None:
         client(cfg).log_batch(run_id, metrics=batch)
 
 
+def metric_steps(cfg, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` is already logged in the run (a resumed training skips them)."""
+    return {m.step for m in client(cfg).get_metric_history(run_id, key)}
+
+
 def log_artifact(cfg, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     cl = client(cfg)
