@@ -90,14 +90,26 @@ def _training_pid(repo: Path) -> int | None:
     return None
 
 
+def _registered_checkpoint(repo: Path) -> bool:
+    """Whether Ray has registered a checkpoint of the training (its snapshot names one: a
+    checkpoint on disk but not yet registered is not resumed from)."""
+    for snap in (repo / ".ray_runs").glob("train-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):
+            pass                                        # being written
+    return False
+
+
 def _repro_with_sigterm(repo: Path, env: dict) -> dict:
-    """`dvc repro`; SIGTERM to the training once a checkpoint is on disk."""
+    """`dvc repro`; SIGTERM to the training once a checkpoint is registered."""
     proc = subprocess.Popen([str(BIN / "dvc"), "repro"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline, sent = time.time() + 900, None
     try:
         while proc.poll() is None and time.time() < deadline:
-            if not sent and list((repo / ".ray_runs").glob("train-*/checkpoint_*/state.pt")):
+            if not sent and _registered_checkpoint(repo):
                 pid = _training_pid(repo)
                 if pid:
                     os.kill(pid, signal.SIGTERM)
