@@ -15,7 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-# every key issue 5 asks for in metrics/eval.json (value null when it does not apply to the model/data)
+# every evaluation result, in the metrics file of the stage that computes it (merge_results:
+# null when it does not apply to the model/data)
 REQUIRED_KEYS = ("fid", "precision", "recall", "kid", "t2i_attribute_accuracy",
                  "class_attribute_accuracy", "cider", "vqa_accuracy", "zeroshot_accuracy",
                  "val_bits_per_dim", "png_bits_per_dim", "judge_val_accuracy")
