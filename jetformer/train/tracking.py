@@ -139,7 +139,8 @@ def run_tags(cfg, config_hash: str, role: str = "") -> dict[str, str]:
             "dvc_lock_sha1": file_hash(root / "dvc.lock"), "config_hash": config_hash,
             "task": cfg.train.task, "data_source": cfg.data.source,
             "factoring": cfg.model.factoring}
-    return {k: v for k, v in tags.items() if v}
+    optional = (TAG_ROLE, TAG_DVC_EXP, TAG_DVC_BASELINE, TAG_GIT_COMMIT)   # left out when ""
+    return {k: v for k, v in tags.items() if v or k not in optional}
 
 
 def _log_params(cl, run_id: str, cfg) -> None:
