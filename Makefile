@@ -16,15 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# no PATH tricks: every dvc.yaml stage runs through `sh pipelines/python` (the repository's .venv)
 repro: install
 	test -d .dvc || $(BIN)/dvc init -q
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc repro
 
 test: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q
 
 bench: install
-	for b in benchmarks/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 # params.yaml <- params.yaml + overlays, e.g.  make params PRESET="jetformer_b imagenet256"
 params: install

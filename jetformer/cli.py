@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sigma-plots", action="store_true",
                    help="also FID and bits/dim vs sigma0 with spread, and Figure 3 (a noise "
                         "sweep's --parent-run)")
+    p.add_argument("--dvc-exp", default="", help="only the runs of this `dvc exp run` experiment")
+    p.add_argument("--sweep", default="", help="only the trials of this Ray Tune sweep")
+    p.add_argument("--ablation-table", default="", help="only the rows of this ablation table")
+    p.add_argument("--role", default="", help="only runs of this role (train, eval, trial, ...)")
     p.add_argument("--out-dir", default="experiments/results")
     return parser
 

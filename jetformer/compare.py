@@ -1,7 +1,12 @@
-"""`python -m jetformer compare --experiment NAME`: a table and plots of the MLflow runs of an
-experiment (a sweep's trials with `--parent-run`, the ablations, or any runs logged there).
+"""`python -m jetformer compare --experiment NAME [selection]`: a table and plots of MLflow runs,
+read with `mlflow.search_runs`. The selection narrows the runs of the experiment by the tags
+every run carries (`jetformer.train.tracking`):
 
-Writes, under `--out-dir`:
+  --dvc-exp NAME        the runs of one `dvc exp run` experiment (its training and evaluation)
+  --sweep NAME          a Ray Tune sweep's trials        --parent-run ID   children of a run
+  --ablation-table NAME an ablation table's rows        --role ROLE       train | eval | trial ...
+
+A sweep's parent run is never a row. Writes, under `--out-dir`:
   compare_<name>.csv   every run: name, id, status, the params that differ between runs (and the
                        noise schedule), and the last value of every metric, exactly as logged
   compare_<name>.md    the same table, rounded for reading
@@ -12,6 +17,7 @@ select the runs, "Compare").
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -20,6 +26,14 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetformer.train.tracking import (
+    ROLE_SWEEP,
+    TAG_ABLATION_TABLE,
+    TAG_DVC_EXP,
+    TAG_PARENT,
+    TAG_ROLE,
+    TAG_SWEEP,
+)
 
 SIGMA0 = "train.noise.sigma0"
 # params always shown (when logged) even if equal across runs: the swept noise schedule
@@ -30,7 +44,7 @@ BPD_KEYS = ("val_bits_per_dim", "val_bpd", "bits_per_dim", "image_bpd", "train_b
 CURVE_PRIORITY = ("loss", "image_bpd", "bits_per_dim", "train_bits_per_dim", "val_bits_per_dim",
                   "domain_fid", "sigma", "text_nll", "grad_norm", "lr")
 MAX_CURVES = 6
-SWEEP_ROLE_TAG = "jetformer.role"   # "sweep" on a sweep's parent run (left out of tables)
+SWEEP_ROLE_TAG = TAG_ROLE           # ROLE_SWEEP on a sweep's parent run (left out of tables)
 
 
 @dataclass
@@ -40,7 +54,33 @@ class RunRecord:
     status: str
     params: dict[str, str]
     metrics: dict[str, float]                       # last logged value
+    tags: dict[str, str] = field(default_factory=dict)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which runs of the experiment to compare (empty fields select everything)."""
+    parent_run: str = ""
+    dvc_exp: str = ""
+    sweep: str = ""
+    ablation_table: str = ""
+    role: str = ""
+
+    def filter_string(self) -> str:
+        """The MLflow search filter, e.g. "tags.`dvc.exp_name` = 'exp-1'"."""
+        def q(v: str) -> str:
+            return v.replace("'", "\\'")
+        parts = [f"tags.`{tag}` = '{q(value)}'" for tag, value in (
+            (TAG_PARENT, self.parent_run), (TAG_DVC_EXP, self.dvc_exp), (TAG_SWEEP, self.sweep),
+            (TAG_ABLATION_TABLE, self.ablation_table), (TAG_ROLE, self.role)) if value]
+        return " and ".join(parts)
+
+    def label(self) -> str:
+        """Short text for file names and titles ("" for everything)."""
+        return "_".join(f"{k}-{v[:8] if k == 'parent_run' else v}" for k, v in (
+            ("parent_run", self.parent_run), ("dvc_exp", self.dvc_exp), ("sweep", self.sweep),
+            ("ablation_table", self.ablation_table), ("role", self.role)) if v)
 
 
 def default_tracking_uri() -> str:
@@ -52,41 +92,62 @@ def default_tracking_uri() -> str:
     return tracking_uri(cfg)
 
 
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """mlflow's fluent API (`search_runs`) pointed at `uri` for the block."""
+    import mlflow
+    old = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield mlflow
+    finally:
+        mlflow.set_tracking_uri(old)
+
+
+def _columns(row: dict, prefix: str) -> dict:
+    """The logged `prefix*` cells of one `search_runs` row (NaN / None = not logged)."""
+    return {k[len(prefix):]: v for k, v in row.items() if k.startswith(prefix)
+            and v is not None and not (isinstance(v, float) and math.isnan(v))}
+
+
+def _records(frame) -> list[RunRecord]:
+    """`mlflow.search_runs` DataFrame -> records."""
+    out = []
+    for row in frame.to_dict("records"):
+        tags = _columns(row, "tags.")
+        out.append(RunRecord(
+            run_id=row["run_id"], name=tags.get("mlflow.runName") or row["run_id"][:8],
+            status=row["status"], params={k: str(v) for k, v in _columns(row, "params.").items()},
+            metrics={k: float(v) for k, v in _columns(row, "metrics.").items()}, tags=tags))
+    return out
+
+
 def load_runs(experiment: str, tracking_uri: str, parent_run: str = "",
-              curve_keys: tuple[str, ...] | None = None) -> list[RunRecord]:
-    """All runs of `experiment` (only children of `parent_run` when given), oldest first,
-    with the full history of the metrics worth plotting."""
+              curve_keys: tuple[str, ...] | None = None,
+              selection: Selection | None = None) -> list[RunRecord]:
+    """The selected runs of `experiment` (`parent_run` is shorthand for
+    `Selection(parent_run=...)`), oldest first, with the full history of the metrics worth
+    plotting; a sweep's parent run is left out."""
     from mlflow.tracking import MlflowClient
+    selection = selection or Selection(parent_run=parent_run)
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
+    if client.get_experiment_by_name(experiment) is None:
         names = sorted(e.name for e in client.search_experiments())
         raise ValueError(f"MLflow experiment {experiment!r} not found at {tracking_uri} "
                          f"(experiments there: {names})")
-    filt = f"tags.mlflow.parentRunId = '{parent_run}'" if parent_run else ""
-    runs, token = [], None
-    while True:
-        page = client.search_runs([exp.experiment_id], filter_string=filt, max_results=1000,
-                                  order_by=["attributes.start_time ASC"], page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            break
-    records = []
-    for r in runs:
-        if r.data.tags.get(SWEEP_ROLE_TAG) == "sweep":
-            continue
-        rec = RunRecord(run_id=r.info.run_id, name=r.info.run_name or r.info.run_id[:8],
-                        status=r.info.status, params=dict(r.data.params),
-                        metrics=dict(r.data.metrics))
+    with _tracking(tracking_uri) as mlflow:
+        frame = mlflow.search_runs(experiment_names=[experiment],
+                                   filter_string=selection.filter_string(),
+                                   order_by=["attributes.start_time ASC"], max_results=100_000)
+    records = [r for r in _records(frame) if r.tags.get(TAG_ROLE) != ROLE_SWEEP]
+    for rec in records:
         keys = curve_keys if curve_keys is not None else tuple(rec.metrics)
         for key in keys:
             if key in rec.metrics:
                 hist = client.get_metric_history(rec.run_id, key)
                 rec.history[key] = sorted((m.step, m.value) for m in hist)
-        records.append(rec)
     if not records:
-        where = f"children of run {parent_run}" if parent_run else "runs"
+        where = f"runs matching {selection.filter_string()!r}" if selection.label() else "runs"
         raise ValueError(f"no {where} in MLflow experiment {experiment!r} at {tracking_uri}")
     return records
 
@@ -218,18 +279,21 @@ def _save_fig(fig, path: Path) -> None:
 
 
 def compare(experiment: str, tracking_uri: str = "", parent_run: str = "",
-            out_dir: str | Path = "experiments/results") -> dict[str, Path]:
-    """Read the runs, write the table (CSV + markdown) and plots; returns the written paths."""
+            out_dir: str | Path = "experiments/results",
+            selection: Selection | None = None) -> dict[str, Path]:
+    """Read the selected runs, write the table (CSV + markdown) and plots; returns the written
+    paths."""
     uri = tracking_uri or default_tracking_uri()
-    runs = load_runs(experiment, uri, parent_run)
-    stem = "compare_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in experiment)
-    if parent_run:
-        stem += f"_{parent_run[:8]}"
+    selection = selection or Selection(parent_run=parent_run)
+    runs = load_runs(experiment, uri, selection=selection)
+    stem = "compare_" + "".join(c if c.isalnum() or c in "-_" else "_"
+                                for c in "_".join(filter(None, (experiment, selection.label()))))
     out = Path(out_dir)
     header, rows = comparison_rows(runs)
     written = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md"}
     atomic_write_text(written["csv"], to_csv(header, rows))
-    title = f"MLflow experiment `{experiment}`" + (f", children of run `{parent_run}`" if parent_run else "")
+    title = f"MLflow experiment `{experiment}`" + (f", runs with {selection.filter_string()}"
+                                                   if selection.label() else "")
     atomic_write_text(written["md"], to_markdown(header, rows, title))
     if plot_vs_sigma0(runs, out / f"{stem}_vs_sigma0.png"):
         written["vs_sigma0"] = out / f"{stem}_vs_sigma0.png"
@@ -245,7 +309,12 @@ def cli_compare(args) -> int:
                          args.parent_run, args.out_dir)
         for path in res["files"]:
             print(f"{'sigma0':10s} {path}")
-    written = compare(args.experiment, args.tracking_uri, args.parent_run, args.out_dir)
+    selection = Selection(parent_run=args.parent_run, dvc_exp=getattr(args, "dvc_exp", ""),
+                          sweep=getattr(args, "sweep", ""),
+                          ablation_table=getattr(args, "ablation_table", ""),
+                          role=getattr(args, "role", ""))
+    written = compare(args.experiment, args.tracking_uri, out_dir=args.out_dir,
+                      selection=selection)
     for kind, path in written.items():
         print(f"{kind:10s} {path}")
     return 0

@@ -1,5 +1,4 @@
 """Parameter loading: defaults, overlays, overrides, and clear failures before any compute."""
-from pathlib import Path
 
 import pytest
 import yaml

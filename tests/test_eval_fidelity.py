@@ -76,3 +76,30 @@ def test_extractor_choice_and_missing_weights(tmp_path):
     x = torch.zeros(4, 8, 8, 3, dtype=torch.uint8)
     with pytest.raises(FileNotFoundError, match="judge weights not found"):
         fidelity_metrics(x, x, extractor="domain", judge_path=str(tmp_path / "nope.pt"))
+
+
+def test_real_features_are_cached_per_data_and_judge(tmp_path, monkeypatch):
+    from jetformer.eval.fidelity import real_cache_name
+    from jetformer.eval.judge import JUDGE_EXTRACTOR
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    real, _ = draw_scenes(32, ["square", "disc"], ["red", "blue"], seed=5)
+    fake, _ = draw_scenes(32, ["disc"], ["red"], seed=6)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(tmp_path / f"judge{seed}.pt")
+        save_judge(Judge({"shape": ["disc", "square"], "color": ["blue", "red"]}, resolution=16,
+                         width=8, feature_dim=16), paths[-1])
+    kw = dict(extractor="domain", device="cpu", kid_subsets=10)
+    first = fidelity_metrics(fake, real, judge_path=str(paths[0]), **kw)
+    cache = tmp_path / "torch/fidelity_cache"
+    cached = sorted(p.name for p in cache.iterdir())
+    name = real_cache_name(real, JUDGE_EXTRACTOR, str(paths[0]))
+    assert cached and all(n.startswith(name) for n in cached), cached   # only the real set
+    assert fidelity_metrics(fake, real, judge_path=str(paths[0]), **kw) == first     # reused
+    assert sorted(p.name for p in cache.iterdir()) == cached
+    fidelity_metrics(fake, real, judge_path=str(paths[1]), **kw)          # another judge
+    assert len(list(cache.iterdir())) == 2 * len(cached)
+    other = real.clone()
+    other[0, 0, 0] ^= 1                                                   # other data
+    assert real_cache_name(other, JUDGE_EXTRACTOR, str(paths[0])) != name

@@ -1,6 +1,5 @@
 """Evaluation metrics against hand-computed values: VQA accuracy, CIDEr, PNG bits/dim, baselines."""
 import io
-import math
 
 import numpy as np
 import pytest

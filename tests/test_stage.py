@@ -64,3 +64,51 @@ def test_column_matches_items_across_shards_and_worker_parts(tmp_path):
             assert ds.column(name) == [ds[i][name] for i in range(len(ds))]
     with pytest.raises(ValueError, match="no column 'nope'"):
         ds.column("nope")
+
+
+def test_sigterm_unwinds_the_stage_and_exits_143(capsys):
+    import os
+    import signal
+
+    cleaned = []
+
+    def stage(cfg):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt the stage")
+        finally:
+            cleaned.append(True)                   # `finally` blocks run, as on Ctrl-C
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_stage("train", stage, argv=["--params", str(REPO_ROOT / "params.yaml")]) == 143
+    assert cleaned == [True]
+    assert "train: terminated (SIGTERM)" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before         # the handler is scoped
+
+
+def test_metrics_files_hold_flat_scalars(tmp_path):
+    import json
+    import math
+
+    from jetformer.stage import write_metrics
+    written = write_metrics(tmp_path / "m.json", {
+        "fid": 1.5, "ok": True, "name": "domain", "nan": math.nan,
+        "per_type": {"yes/no": 0.5, "number": {"small": 0.25}}, "prompts": [["a", "b"]]})
+    assert json.loads((tmp_path / "m.json").read_text()) == written == {
+        "fid": 1.5, "ok": True, "name": "domain", "nan": None,
+        "per_type_yes/no": 0.5, "per_type_number_small": 0.25}
+
+
+def test_progress_prints_a_line_every_tenth_when_not_a_terminal():
+    import io
+
+    from jetformer.progress import progress
+    buf = io.StringIO()
+    assert list(progress(range(0, 50, 2), "decode", file=buf, delay=0)) == list(range(0, 50, 2))
+    lines = buf.getvalue().splitlines()
+    done = [int(ln.split("(")[1].split("/")[0]) for ln in lines]
+    assert done == [3, 5, 8, 10, 13, 15, 18, 20, 23, 25], lines   # 25 items: one line per tenth
+    assert lines[-1].startswith("decode: 100% (25/25) ") and "ETA 0s" in lines[-1]
+    quiet = io.StringIO()                             # a loop shorter than `delay`: silent
+    assert list(progress([1, 2, 3], "x", file=quiet, delay=60)) == [1, 2, 3]
+    assert quiet.getvalue() == ""
+    assert list(progress(iter([1, 2]), "no length", file=quiet, delay=0)) == [1, 2]

@@ -1,5 +1,4 @@
 """Gemma-style decoder: reference maths, causality, MQA shapes, RoPE, KV-cache decoding == full pass."""
-import math
 
 import pytest
 import torch

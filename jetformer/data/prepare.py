@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from jetformer.data import readers
 from jetformer.data.readers import BadFile, Record, SourceError
+from jetformer.progress import progress
 
 SPLITS = ("train", "val")
 LISTING_FILE = "files.tsv"
@@ -336,7 +337,9 @@ def prepare(cfg, on_shard_done=None) -> dict:
                 "num_val": report["splits"]["val"]["written"],
                 "shards": {s: report["splits"][s]["shards"] for s in SPLITS}}
     _write_json(work / "metadata.json", metadata)
-    _write_json(work / "prepare_report.json", report)
+    # no timings in the output: the same data prepared again must hash the same for DVC
+    _write_json(work / "prepare_report.json",
+                {k: v for k, v in report.items() if k not in ("seconds", "images_per_s")})
     _write_listing(work / LISTING_FILE, listing_rows)
     for split in SPLITS:   # per-shard outcome files are folded into the report
         for o in (work / split).glob("shard-*.json"):
@@ -363,14 +366,14 @@ def _first_reasons(skipped: list[dict], n: int = 3) -> str:
 
 def _run_jobs(jobs, resolution: int, min_side: int, workers: int, on_shard_done) -> None:
     if workers <= 1 or len(jobs) <= 1:
-        for chunk, path in jobs:
+        for chunk, path in progress(jobs, "prepare shards"):
             outcome = write_shard(chunk, path, resolution, min_side)
             if on_shard_done:
                 on_shard_done(outcome)
         return
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(write_shard, chunk, path, resolution, min_side) for chunk, path in jobs]
-        for f in futures:
+        for f in progress(futures, "prepare shards"):
             outcome = f.result()
             if on_shard_done:
                 on_shard_done(outcome)

@@ -2,12 +2,12 @@
 them to the command line through `jetformer.stage.run_stage`)."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 from jetformer.config import Config
+from jetformer.stage import write_metrics
 
 
 def _unavailable_reason(cfg: Config, role: str) -> str:
@@ -39,13 +39,6 @@ def _class_names(cfg: Config, source: str, classes: list[str]) -> list[str] | No
     return None
 
 
-def _write_metrics(path: str | Path, obj: dict) -> None:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
-
 
 def run_prepare(cfg: Config, role: str = "pretrain",
                 metrics: str | Path = "metrics/prepare/{role}.json") -> dict:
@@ -73,7 +66,7 @@ def run_prepare(cfg: Config, role: str = "pretrain",
             info["class_names"] = _class_names(cfg, source, classes)
             print(f"prepare@{role}: the pretraining data ({cfg.data.prepared_dir}, '{source}')")
         write_role(out, info)
-        _write_metrics(metrics, {k: info[k] for k in ("role", "source", "data", "unavailable")})
+        write_metrics(metrics, {k: info[k] for k in ("role", "source", "data", "unavailable")})
         return info
 
     report = prepare(role_config(cfg, role), on_shard_done=lambda o: print(
@@ -81,7 +74,7 @@ def run_prepare(cfg: Config, role: str = "pretrain",
     info["class_names"] = _class_names(cfg, source, report["classes"])
     write_role(out, info)
     out_metrics = {"role": role, "source": source, **prepare_metrics(report)}
-    _write_metrics(metrics, out_metrics)
+    write_metrics(metrics, out_metrics)      # flat: the per-file lists stay in the report
     for split, s in report["splits"].items():
         print(f"{split}: {s['written']} written, {s['skipped']} skipped, {s['converted']} converted")
         for x in s["skipped_files"]:

@@ -39,6 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from jetformer.progress import progress
+
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {                       # name -> RGB, far apart in RGB and hue
     "red": (220, 40, 40),
@@ -343,7 +345,7 @@ def generate_split(out_dir: Path, split: str, num_images: int, cfg) -> dict:
     for shape in SHAPES:
         (img_root / shape).mkdir(parents=True, exist_ok=True)
     coco_images, coco_anns, questions, vqa_anns, attributes = [], [], [], [], {}
-    for i in range(num_images):
+    for i in progress(range(num_images), f"world {split}"):
         rng = np.random.default_rng([cfg.seed, code, i])
         image_id = first_id + i
         scene = sample_scene(rng)

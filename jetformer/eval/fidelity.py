@@ -10,7 +10,8 @@ Two feature extractors (`eval.feature_extractor`):
 """
 from __future__ import annotations
 
-import os
+import hashlib
+import sys
 from pathlib import Path
 
 import torch
@@ -104,6 +105,18 @@ def inception_weights_path(configured: str = "") -> str:
     return str(cached)
 
 
+def real_cache_name(real: torch.Tensor, extractor: str, weights: str) -> str:
+    """torch-fidelity cache name of the real images' features: a hash of the pixels (the
+    prepared data) and of the feature extractor and its weights file (the judge), so every
+    evaluation and sweep validation on the same data and judge reuses them, and a new judge or
+    new data never does."""
+    h = hashlib.sha1(extractor.encode())
+    h.update(Path(weights).read_bytes())
+    h.update(str(tuple(real.shape)).encode())
+    h.update(memoryview(real.contiguous().numpy()).cast("B"))
+    return f"jetformer-real-{h.hexdigest()[:20]}"
+
+
 def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: str,
                      judge_path: str | None = None, inception_weights: str = "",
                      batch_size: int = 100, device: str | torch.device | None = None,
@@ -135,7 +148,8 @@ def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: 
     m = torch_fidelity.calculate_metrics(
         input1=ImageTensorDataset(generated), input2=ImageTensorDataset(real),
         fid=True, kid=True, prc=True, feature_extractor=name, feature_extractor_weights_path=weights,
-        cuda=cuda, batch_size=batch_size, cache=False, verbose=False, save_cpu_ram=True,
+        cuda=cuda, batch_size=batch_size, verbose=sys.stderr.isatty(), save_cpu_ram=True,
+        cache=True, input2_cache_name=real_cache_name(real, name, weights),  # real features once
         kid_subset_size=min(1000, len(generated), len(real)), kid_subsets=kid_subsets,
         prc_neighborhood=neighborhood, rng_seed=seed, **layers)
     return {"fid": float(m["frechet_inception_distance"]), "precision": float(m["precision"]),

@@ -11,6 +11,7 @@ import time
 import torch
 
 from jetformer.data.batching import caption_batch, vqa_batch
+from jetformer.progress import progress
 from jetformer.train.checkpoint import atomic_torch_save
 from jetformer.train.optim import build_optimizer, clip_gradients, lr_at
 
@@ -71,7 +72,7 @@ def save_finetuned(model, source: dict, out_file, step: int) -> None:
 def generate_captions(model, tokenizer, images: torch.Tensor, *, max_len: int, batch_size: int) -> list[str]:
     """Greedy captions of uint8 images [N,H,W,3]."""
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in progress(range(0, len(images), batch_size), "caption"):
         ids = model.generate_text(images[i:i + batch_size].to(model.device), max_len=max_len)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
     return out
@@ -87,7 +88,7 @@ def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str
     if len(images) != len(questions):
         raise ValueError(f"{len(images)} images for {len(questions)} questions")
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in progress(range(0, len(images), batch_size), "answer"):
         qs = questions[i:i + batch_size]
         prefix = torch.zeros(len(qs), max_text_len, dtype=torch.long)
         for b, q in enumerate(qs):

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jetformer.progress import progress
+
 
 def png_bits_per_dim(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N,H,W,3] -> [N] bits/dim of each image as a PNG file (RGB, zlib level 9)."""
@@ -41,7 +43,7 @@ def heldout_bits_per_dim(model, images: torch.Tensor, *, batch_size: int = 50, s
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in progress(range(0, len(images), batch_size), "nll"):
         sl = slice(i, i + batch_size)
         cond = {k: None if v is None else v[sl].to(device)
                 for k, v in (("labels", labels), ("text", text), ("text_mask", text_mask))}

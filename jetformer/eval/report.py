@@ -1,9 +1,13 @@
-"""Evaluation outputs: atomic JSON/CSV writers, the merged `metrics/eval.json`, and logging to
-the MLflow run of the trained model (its id is stored next to the checkpoint)."""
+"""Evaluation outputs: atomic JSON/CSV writers, the `metrics/eval.json` summary, and the
+evaluation's own MLflow run, nested under the training run it evaluates (whose id is in
+`metrics/train.json`).
+
+Each metric is in exactly one metrics file (the stage that computes it): `metrics/eval.json`
+holds only what the report adds — whether the model beats each trivial baseline, and the
+evaluation's MLflow run id — so `dvc exp show` shows every column once."""
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import math
@@ -11,7 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-# every key issue 5 asks for in metrics/eval.json (value null when it does not apply to the model/data)
+# every evaluation result, in the metrics file of the stage that computes it (merge_results:
+# null when it does not apply to the model/data)
 REQUIRED_KEYS = ("fid", "precision", "recall", "kid", "t2i_attribute_accuracy",
                  "class_attribute_accuracy", "cider", "vqa_accuracy", "zeroshot_accuracy",
                  "val_bits_per_dim", "val_uncond_bits_per_dim", "png_bits_per_dim",
@@ -104,31 +109,33 @@ def beats_baselines(merged: dict) -> dict[str, bool]:
     return beats
 
 
-def training_run(cfg) -> dict | None:
-    """The MLflow run file written next to the exported checkpoint, or None."""
-    from jetformer.train.tracking import RUN_FILE
-
-    path = Path(cfg.train.out_dir) / RUN_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
+def report_metrics(merged: dict, eval_run_id: str | None) -> dict:
+    """`metrics/eval.json`: `beats_<metric>` per baseline check, and the MLflow run id."""
+    return {**{f"beats_{k}": v for k, v in beats_baselines(merged).items()},
+            "mlflow_run_id": eval_run_id or ""}
 
 
-def log_to_training_run(cfg, metrics: dict, artifacts: list[tuple[str, str]], step: int = 0,
-                        log=print) -> str | None:
-    """Log numeric `metrics` (prefixed `eval/`) and `artifacts` [(path, artifact_dir)] to the
-    training's MLflow run. Returns the run id, or None when there is no run to log into."""
+def training_run_id(train_metrics: str | Path) -> str:
+    """The MLflow run id the `train` stage wrote into its metrics file ("" when none)."""
+    path = Path(train_metrics)
+    return str(read_json(path).get("mlflow_run_id") or "") if path.is_file() else ""
+
+
+def log_evaluation(cfg, training_run: str, metrics: dict, artifacts: list[tuple[str, str]],
+                   step: int = 0) -> str:
+    """A new evaluation run nested under `training_run` (`tracking.start_eval_run`): numeric
+    `metrics` and `artifacts` [(path, artifact_dir)]; returns its id. The training run's own
+    metrics are never touched, so experiments sharing a training do not overwrite each other."""
     from jetformer.train import tracking
 
-    run = training_run(cfg)
-    if run is None:
-        log(f"MLflow: no run file in {cfg.train.out_dir}; evaluation results not logged")
-        return None
-    run_id = run["run_id"]
-    # log where the training logged (its tracking URI), whatever this process' environment says
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=run["tracking_uri"]))
-    tracking.log_metrics(cfg, run_id, {f"eval/{k}": v for k, v in metrics.items()}, step)
-    for path, artifact_dir in artifacts:
-        if Path(path).exists():
-            tracking.log_artifact(cfg, run_id, path, artifact_dir)
+    run_id = tracking.start_eval_run(cfg, training_run)
+    try:
+        tracking.log_metrics(cfg, run_id, metrics, step)
+        for path, artifact_dir in artifacts:
+            if Path(path).exists():
+                tracking.log_artifact(cfg, run_id, path, artifact_dir)
+    except BaseException:
+        tracking.end_run(cfg, run_id, "FAILED")
+        raise
+    tracking.end_run(cfg, run_id)
     return run_id

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from jetformer.progress import progress
+
 
 def class_prompt(name: str, template: str) -> str:
     """The text that asks a multimodal model for a class, e.g. template "a {}" -> "a circle"."""
@@ -31,7 +33,7 @@ def sample_from_text(model, tokenizer, prompts: list[str], *, max_text_len: int,
     """uint8 [len(prompts), H, W, 3]: one sample per prompt (repeat a prompt for more)."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     out = []
-    for i in range(0, len(prompts), batch_size):
+    for i in progress(range(0, len(prompts), batch_size), "sample (text)"):
         text, mask = tokenizer.encode_batch(prompts[i:i + batch_size], max_text_len)
         out.append(model.sample_images(text=text.to(model.device), text_mask=mask.to(model.device),
                                        cfg_scale=cfg_scale, temperature=temperature, generator=g).cpu())
@@ -46,7 +48,7 @@ def sample_from_labels(model, labels: list[int], *, cfg_scale: float, temperatur
     """uint8 [len(labels), H, W, 3] from a class-conditional model."""
     g = torch.Generator(device=model.device).manual_seed(seed)
     out = []
-    for i in range(0, len(labels), batch_size):
+    for i in progress(range(0, len(labels), batch_size), "sample (class)"):
         y = torch.tensor(labels[i:i + batch_size], dtype=torch.long, device=model.device)
         out.append(model.sample_images(labels=y, cfg_scale=cfg_scale, temperature=temperature,
                                        generator=g).cpu())

@@ -16,6 +16,7 @@ from jetformer.config import Config
 from jetformer.data.dataset import ArrowImageDataset
 from jetformer.eval.report import read_json, write_csv, write_json
 from jetformer.safe_io import safe_load
+from jetformer.stage import write_metrics
 
 
 def _device() -> str:
@@ -80,7 +81,7 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
     result = {"judge_val_accuracy": worst, "judge_trusted": worst >= cfg.eval.judge_min_accuracy,
               "judge_heads": sorted(judge.vocab), "judge_train_seconds": time.time() - t0,
               **{f"judge_val_accuracy_{k}": v for k, v in acc.items()}}
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     print("judge val accuracy: " + ", ".join(f"{k} {v:.4f}" for k, v in acc.items()))
     if not result["judge_trusted"]:
         print(f"WARNING: judge accuracy {worst:.3f} < eval.judge_min_accuracy "
@@ -249,7 +250,7 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
         if result[k] is None:
             result[f"{k}_unavailable"] = result[f"{main_kind}_{k}_unavailable"]
     result["fid_samples"] = main_kind
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     write_csv(Path(plots) / "generation_attributes.csv", rows, fields=["index", "correct"])
     return result
 
@@ -321,7 +322,7 @@ def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metr
     result = {metric: None, f"baseline_{metric}": None, f"{task}_skipped": info["skipped"],
               f"{metric}_unavailable": info["skipped"],
               f"baseline_{metric}_unavailable": info["skipped"]}
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     write_csv(Path(plots) / f"{task}_predictions.csv", [], fields=["index", score_column])
     print(f"evaluate_{task}: skipped ({info['skipped']})")
     return result
@@ -350,7 +351,7 @@ def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_capti
     base, base_caption = constant_caption_cider(train_captions, refs)
     result = {"cider": score, "baseline_cider": base, "baseline_caption": base_caption,
               "caption_finetune_steps": info.get("steps"), "caption_seconds": time.time() - t0}
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     write_csv(Path(plots) / "caption_predictions.csv",
               [{"index": i, "id": it["id"], "prediction": p, "cider": per[it["id"]], "reference": it["captions"][0]}
                for i, (it, p) in enumerate(zip(items, preds))])
@@ -393,7 +394,7 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
               "vqa_per_answer_type": s["per_answer_type"], "vqa_per_question_type": s["per_question_type"],
               "vqa_num_questions": len(questions), "vqa_finetune_steps": info.get("steps"),
               "vqa_seconds": time.time() - t0}
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     write_csv(Path(plots) / "vqa_predictions.csv",
               [{"index": k, "id": i, "question_type": q.get("question_type", ""), "question": q["question"],
                 "prediction": p, "answers": "|".join(q["answers"]), "accuracy": a}
@@ -476,7 +477,7 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
               f"{result['baseline_zeroshot_accuracy']:.4f}), {len(classes)} classes, "
               f"prompts {[p[:3] for p in names]}")
     result["understanding_seconds"] = time.time() - t0
-    write_json(metrics, result)
+    write_metrics(metrics, result)
     write_csv(Path(plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
     write_csv(Path(plots) / "nll_per_image.csv",
               [{"index": i, "bits_per_dim": b, "uncond_bits_per_dim": u, "png_bits_per_dim": p}
@@ -485,36 +486,38 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
 
 
 # ----------------------------------------------------------------------------- report
-REPORT_PARTS = ("judge", "generation", "caption", "vqa", "understanding")
+REPORT_PARTS = ("judge", "generation", "caption", "vqa", "understanding", "inspect")
 REPORT_ARTIFACTS = ("samples", "generation_attributes.csv", "caption_predictions.csv",
                     "vqa_predictions.csv", "zeroshot_predictions.csv", "nll_per_image.csv",
-                    "finetune_caption.csv", "finetune_vqa.csv")
+                    "finetune_caption.csv", "finetune_vqa.csv", "inspect",
+                    "inspect_roundtrip.csv")
 
 
 def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str | Path = "plots",
-                    out: str | Path = "metrics/eval.json") -> dict:
-    """Merge every evaluation stage's metrics (and the trivial baselines) into `out`, and log
-    them, the sample grids and the per-example predictions to the MLflow run of the trained
-    model (best effort: the metrics file is written either way)."""
-    from jetformer.eval.report import beats_baselines, log_to_training_run, merge_results
+                    out: str | Path = "metrics/eval.json",
+                    train_metrics: str | Path = "metrics/train.json") -> dict:
+    """Check every evaluation stage's metrics against the trivial baselines, log them, the
+    sample grids and the per-example predictions to a new MLflow evaluation run nested under
+    the training's run (best effort), and write the summary `out` (`report_metrics`)."""
+    from jetformer.eval.report import (log_evaluation, merge_results, report_metrics,
+                                       training_run_id)
 
     merged = merge_results({p: read_json(Path(metrics_dir) / f"{p}.json") for p in REPORT_PARTS})
-    for k, v in list(merged.items()):   # every null metric says why (`<metric>_unavailable`)
-        if v is None and not merged.get(f"{k}_unavailable"):
-            merged[f"{k}_unavailable"] = "no evaluation stage produced it"
-    beats = merged["beats_baselines"] = beats_baselines(merged)
-    write_json(out, merged)
     numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    artifacts = [(str(Path(plots) / a), "eval/samples" if a == "samples" else "eval") for a in REPORT_ARTIFACTS] + \
-                [(str(Path(metrics_dir) / f"{p}.json"), "eval/metrics") for p in REPORT_PARTS] + [(str(out), "eval")]
+    artifacts = [(str(Path(plots) / a), "samples" if a == "samples" else "predictions")
+                 for a in REPORT_ARTIFACTS] + \
+                [(str(Path(metrics_dir) / f"{p}.json"), "metrics") for p in REPORT_PARTS]
     try:
-        run_id = log_to_training_run(cfg, numeric, artifacts)
+        run_id = log_evaluation(cfg, training_run_id(train_metrics), numeric, artifacts)
     except Exception as e:  # noqa: BLE001 - tracking is best effort; the metrics file is written
         print(f"WARNING: MLflow logging failed ({type(e).__name__}: {e})", file=sys.stderr)
         run_id = None
+    summary = write_metrics(out, report_metrics(merged, run_id))
     for k in sorted(numeric):
         print(f"  {k:40s} {numeric[k]:.4f}" if isinstance(numeric[k], float) else f"  {k:40s} {numeric[k]}")
-    print("beats baselines: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in beats.items()))
+    print("beats baselines: " + ", ".join(f"{k.removeprefix('beats_')} {'yes' if v else 'NO'}"
+                                          for k, v in summary.items() if k.startswith("beats_")))
     if run_id:
-        print(f"logged to MLflow run {run_id}")
-    return merged
+        print(f"logged to MLflow evaluation run {run_id} (training run "
+              f"{training_run_id(train_metrics) or 'unknown'})")
+    return {**merged, **summary}

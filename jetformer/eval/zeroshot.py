@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from jetformer.progress import progress
+
 
 @torch.no_grad()
 def zeroshot_scores(model, images: torch.Tensor, class_text: torch.Tensor, class_mask: torch.Tensor,
@@ -21,7 +23,7 @@ def zeroshot_scores(model, images: torch.Tensor, class_text: torch.Tensor, class
         raise ValueError(f"zero-shot classification needs >= 2 classes, got {C}")
     rows = max(1, batch_size // C)
     out = []
-    for i in range(0, len(images), rows):
+    for i in progress(range(0, len(images), rows), "zero-shot"):
         x = images[i:i + rows]
         b = x.shape[0]
         xs = x.repeat_interleave(C, dim=0)                           # [b*C, H, W, 3]: img0 x C, img1 x C ...

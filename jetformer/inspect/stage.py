@@ -6,7 +6,6 @@ to the training's MLflow run (best effort: the files are written either way)."""
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -70,7 +69,7 @@ def run_inspect(cfg, plots: str | Path = "plots/inspect",
                 table: str | Path = "plots/inspect_roundtrip.csv") -> dict:
     """Write the inspection grids and metrics; returns the metrics dict."""
     from jetformer.data.dataset import ArrowImageDataset
-    from jetformer.eval.report import log_to_training_run, write_json
+    from jetformer.stage import write_metrics
     from jetformer.eval.stages import _text_tokenizer
     from jetformer.train.checkpoint import load_trained
 
@@ -113,14 +112,7 @@ def run_inspect(cfg, plots: str | Path = "plots/inspect",
               **{f"completion_{k}": v for k, v in comp.drift_summary().items()}}
     result.update(_roundtrip(cfg, Path(samples), Path(captioner), plots, Path(table)))
     result["inspect_seconds"] = time.time() - t0
-    write_json(metrics, result)
-    numeric = {k: v for k, v in result.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    try:
-        log_to_training_run(cfg, numeric, [(str(plots), "eval/inspect"), (str(table), "eval"),
-                                           (str(metrics), "eval")])
-    except Exception as e:  # noqa: BLE001 - tracking is best effort; the files are written
-        print(f"WARNING: MLflow logging failed ({type(e).__name__}: {e})", file=sys.stderr)
+    write_metrics(metrics, result)   # logged to MLflow by eval_report's evaluation run
     for k, v in result.items():
         print(f"  {k:40s} {v:.4f}" if isinstance(v, float) else f"  {k:40s} {v}")
     return result

@@ -29,9 +29,12 @@ STATE_FORMAT = "jetformer-train-state-v1"
 MODEL_FORMAT = "jetformer-model-v1"
 
 
-# keys that change how a run is operated, not what it computes: excluded from its identity
+# keys that change how a run is operated or monitored, not the weights it computes: excluded
+# from its identity (dvc.yaml leaves them out of the train stage's params too)
 OPERATIONAL_KEYS = ("train.log_every", "train.checkpoint_every", "train.ray_address",
-                    "train.max_failures", "train.storage_dir", "train.out_dir")
+                    "train.max_failures", "train.storage_dir", "train.out_dir",
+                    "train.val_images", "train.sample_every", "train.sample_prompts",
+                    "train.sample_cfg_scale", "train.sample_temperature", "data.workers")
 TRAINING_SECTIONS = ("seed", "data", "tokenizer", "pca", "model", "train")
 
 

@@ -10,8 +10,12 @@ stage outputs (DESIGN §1, §6). All Ray-specific code of the repo's training li
   * `FailureConfig(max_failures)`: a dead worker restarts the group from the latest checkpoint.
   * Console: one progress line per `train.log_every` updates, sent by rank 0 through a Ray
     queue and printed (and logged to MLflow) by the driver; Ray's own logs go to its log files.
-  * Outputs: `<train.out_dir>/model.pt` (+ `mlflow_run.json`), `metrics/train.json`,
-    `plots/train.csv`, sample grids in `plots/train_samples/`, and the MLflow run.
+  * Stop: Ctrl-C or SIGTERM (preemption, `timeout`, `kill`) marks the MLflow run KILLED and
+    leaves the last checkpoint to resume from; the stage exits non-zero.
+  * Outputs: `<train.out_dir>/model.pt`, `metrics/train.json` (with the MLflow run id),
+    `plots/train.csv`, sample grids in `plots/train_samples/`, and the MLflow run. The run id
+    is not inside `train.out_dir`, so the exported model is the same file for the same
+    training whichever tracking store logged it.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from pathlib import Path
 import torch
 
 from jetformer.config import Config, config_from_dict
+from jetformer.stage import sigterm_raises
 from jetformer.train import checkpoint as ckpt
 from jetformer.train import tracking
 from jetformer.train.loop import NonFiniteLossError, load_inputs, train_loop
@@ -47,15 +52,17 @@ CSV_COLUMNS = ("step", "stage", "epoch", "loss", "bits_per_dim", "text_nll", "lo
 
 
 # ----------------------------------------------------------------------------- config / paths
-def absolute_paths(cfg: Config, root: Path) -> Config:
-    """The config with every input path made absolute (Ray workers run in their own cwd)."""
-    def ab(p: str) -> str:
-        return str((root / p).resolve()) if p else p
+def absolute_paths(cfg: Config, root: Path, store: Path | None = None) -> Config:
+    """The config with every path made absolute (Ray workers run in their own cwd): inputs
+    and outputs against the working copy `root`, the Ray storage against `store` (the
+    repository that keeps runs across `dvc exp run --temp` copies; default `root`)."""
+    def ab(p: str, base: Path = root) -> str:
+        return str((base / p).resolve()) if p else p
     return replace(cfg,
                    data=replace(cfg.data, prepared_dir=ab(cfg.data.prepared_dir)),
                    tokenizer=replace(cfg.tokenizer, out_path=ab(cfg.tokenizer.out_path)),
                    pca=replace(cfg.pca, out_path=ab(cfg.pca.out_path)),
-                   train=replace(cfg.train, storage_dir=ab(cfg.train.storage_dir),
+                   train=replace(cfg.train, storage_dir=ab(cfg.train.storage_dir, store or root),
                                  out_dir=ab(cfg.train.out_dir)))
 
 
@@ -216,8 +223,10 @@ class _Monitor(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- the run
-def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
-    """TorchTrainer.fit(); returns (final checkpoint directory, steps logged live to MLflow)."""
+def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None,
+         logged: set[int] = frozenset()):
+    """TorchTrainer.fit(); returns (final checkpoint directory, steps logged to MLflow: `logged`
+    before, by an interrupted process, plus those logged live now)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -226,7 +235,13 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
     t = cfg.train
     address = t.ray_address or os.environ.get("RAY_ADDRESS", "")
     _quiet_ray_env(local=not address)
+    main = threading.current_thread() is threading.main_thread()
+    ours = signal.getsignal(signal.SIGTERM) if main else None
     started = _init_ray(address)
+    # ray.init replaces the SIGTERM handler (Python: sys.exit; its core worker's C++ one aborts
+    # the driver); put ours (`sigterm_raises`: unwind, mark the run KILLED) back
+    if main and ours is not None:
+        signal.signal(signal.SIGTERM, ours)
     try:
         use_gpu = _use_gpu(cfg, local=not address)
         cpus = ray.cluster_resources().get("CPU", 1.0)
@@ -246,6 +261,7 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None):
                                  failure_config=FailureConfig(max_failures=t.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2)))
         monitor = _Monitor(q, cfg, run_id)
+        monitor.logged_steps |= set(logged)       # a resumed run re-reports a few steps
         monitor.start()
         try:
             result = trainer.fit()
@@ -287,8 +303,9 @@ def write_curves(path: Path, history: list[dict]) -> None:
     ckpt.atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def summary_metrics(state: dict, wall_time_s: float, num_workers: int) -> dict:
-    """`metrics/train.json`: final train and val bits/dim, text NLL, steps, throughput, time."""
+def summary_metrics(state: dict, wall_time_s: float, num_workers: int, run_id: str = "") -> dict:
+    """`metrics/train.json`: final train and val bits/dim, text NLL, steps, throughput, time,
+    and the MLflow run id (evaluation nests its runs under it)."""
     m = state["metrics"]
     last = state["history"][-1] if state["history"] else {}
 
@@ -301,22 +318,25 @@ def summary_metrics(state: dict, wall_time_s: float, num_workers: int) -> dict:
             "val_bits_per_dim": num(m.get("val_bits_per_dim")),
             "val_text_nll": num(m.get("val_text_nll")),
             "examples_per_s": num(m.get("examples_per_s_mean")),
-            "train_time_s": num(state["train_time_s"]), "wall_time_s": num(wall_time_s)}
+            "train_time_s": num(state["train_time_s"]), "wall_time_s": num(wall_time_s),
+            "mlflow_run_id": run_id}
 
 
 def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json",
                  curves_path: str | Path = "plots/train.csv",
                  samples_dir: str | Path = "plots/train_samples",
-                 kill_worker: tuple[int, int] | None = None) -> dict:
+                 kill_worker: tuple[int, int] | None = None,
+                 tags: dict[str, str] | None = None) -> dict:
     """Train `cfg` with Ray Train and write every output of the `train` stage; returns the
     contents of `metrics/train.json` (plus `run_id`, `run_dir`, `checkpoint`).
 
-    Relative paths resolve against the project root (the directory holding dvc.yaml).
+    Relative paths resolve against the working copy (the directory holding dvc.yaml), the
+    Ray storage against `tracking.store_root()`. `tags` are added to a new MLflow run.
     `kill_worker=(rank, step)` SIGKILLs that worker once when it reaches `step` (tests of
     `FailureConfig`)."""
     start = time.time()
     root = tracking.project_root()
-    cfg = absolute_paths(cfg, root)
+    cfg = absolute_paths(cfg, root, tracking.store_root())
     load_inputs(cfg)  # missing data/tokenizer/PCA fail here, before Ray starts
     run_hash = ckpt.training_hash(cfg, extra=data_fingerprint(cfg))
     run_name = f"train-{run_hash}"
@@ -325,18 +345,19 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
 
     id_file = run_dir / "mlflow_run_id"
     old_id = id_file.read_text().strip() if id_file.is_file() else None
-    run_id = tracking.start_run(cfg, cfg.mlflow.run_name or run_name, run_hash, old_id)
+    run_id = tracking.start_run(cfg, cfg.mlflow.run_name or run_name, run_hash, old_id, tags)
     ckpt.atomic_write_bytes(id_file, run_id.encode())
 
     marker = run_dir / FINAL_MARKER
     final = json.loads(marker.read_text()) if marker.is_file() else None
-    logged: set[int] = set()
+    logged = tracking.metric_steps(cfg, run_id, "loss")   # by an earlier, interrupted process
     if final and (Path(final["checkpoint"]) / ckpt.STATE_FILE).is_file():
         print(f"train: run {run_name} already finished; exporting its final checkpoint", flush=True)
         checkpoint_path, wall = final["checkpoint"], final["wall_time_s"]
     else:
         try:
-            checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker)
+            with sigterm_raises():
+                checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker, logged)
         except BaseException as e:
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             tracking.end_run(cfg, run_id, status="KILLED" if interrupted else "FAILED")
@@ -350,10 +371,11 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
             tracking.log_metrics(cfg, run_id, {k: v for k, v in row.items()
                                                if k in CSV_COLUMNS and k != "step"}, row["step"])
     out_dir = Path(cfg.train.out_dir)
+    for stale in out_dir.glob("mlflow_run.json"):   # older layouts kept the run id here
+        stale.unlink()
     model_file = ckpt.export_model(state, out_dir)
-    _write_json(out_dir / tracking.RUN_FILE, tracking.run_info(cfg, run_id))
 
-    summary = summary_metrics(state, wall, cfg.train.num_workers)
+    summary = summary_metrics(state, wall, cfg.train.num_workers, run_id)
     metrics_path, curves_path, samples_dir = (root / metrics_path, root / curves_path,
                                               root / samples_dir)
     _write_json(metrics_path, summary)
@@ -367,7 +389,8 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
         ckpt.atomic_write_bytes((samples_dir if name.endswith(".png") else listings) / name, data)
 
     tracking.log_metrics(cfg, run_id, {f"final_{k}": v for k, v in summary.items()
-                                       if v is not None}, summary["steps"])
+                                       if v is not None and k != "mlflow_run_id"},
+                         summary["steps"])
     tracking.log_artifact(cfg, run_id, metrics_path, "metrics")
     tracking.log_artifact(cfg, run_id, curves_path, "plots")
     tracking.log_artifact(cfg, run_id, samples_dir, "samples")

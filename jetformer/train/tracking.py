@@ -1,11 +1,22 @@
-"""MLflow tracking (DESIGN §6): one named run per training, params flat, per-step metrics,
-git commit and `dvc.lock` hash tags, artifacts.
+"""MLflow tracking (DESIGN §6): one named run per training, one nested run per evaluation,
+params flat, per-step metrics, standard source tags and the DVC experiment, artifacts.
 
-The tracking URI is `mlflow.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else a SQLite file in
-the project (`sqlite:///<root>/mlflow.db`, artifacts under `<root>/mlruns`): no server needed.
-`<root>` is the nearest directory above the working directory holding `dvc.yaml` (DVC runs
-stages there), else the working directory. Everything goes through an explicit
-`MlflowClient` and run id, so the driver can log from a background thread.
+Where things live:
+  * `store_root()`: the repository whose `mlflow.db`, `mlruns/` and Ray run dirs these are:
+    `$DVC_ROOT` (DVC sets it for every stage; for `dvc exp run --temp/--queue` it is the
+    parent repository, not the temporary copy, so runs outlive the copy), else
+    `project_root()`.
+  * `project_root()`: the working copy a stage runs in (nearest `dvc.yaml` above the cwd):
+    stage inputs and outputs resolve against it.
+The tracking URI is `mlflow.tracking_uri`, else `$MLFLOW_TRACKING_URI`, else
+`sqlite:///<store_root>/mlflow.db` (artifacts under `<store_root>/mlruns`): no server needed.
+Everything goes through an explicit `MlflowClient` and run id, so the driver can log from a
+background thread.
+
+Tags every run gets (constants below; `compare.py` selects runs by them): the role (train,
+eval, sweep, trial, ablation), the DVC experiment name and baseline revision (`$DVC_EXP_NAME`,
+`$DVC_EXP_BASELINE_REV`, set by `dvc exp run`), MLflow's `mlflow.source.git.commit` /
+`mlflow.source.name` / `mlflow.source.type`, and the config hash.
 """
 from __future__ import annotations
 
@@ -14,12 +25,26 @@ import json
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-RUN_FILE = "mlflow_run.json"       # beside the exported checkpoint: evaluation logs into this run
+# ----------------------------------------------------------------------------- tag names
+TAG_ROLE = "jetformer.role"                 # one of the ROLE_* values
+ROLE_TRAIN, ROLE_EVAL, ROLE_SWEEP, ROLE_TRIAL, ROLE_ABLATION = (
+    "train", "eval", "sweep", "trial", "ablation")
+TAG_DVC_EXP = "dvc.exp_name"                # `dvc exp run` experiment ("" outside one)
+TAG_DVC_BASELINE = "dvc.baseline_rev"       # the git commit the experiment is based on
+TAG_SWEEP = "jetformer.sweep"               # sweep name, on a sweep's parent and trial runs
+TAG_ABLATION_TABLE = "jetformer.ablation_table"   # ablation table name, on its rows' runs
+TAG_TRAINING_RUN = "jetformer.training_run_id"    # on an evaluation run: the run it evaluates
+TAG_PARENT = "mlflow.parentRunId"
+TAG_GIT_COMMIT = "mlflow.source.git.commit"
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
 
 
 def project_root(start: str | Path | None = None) -> Path:
+    """The working copy: nearest directory at or above `start` (default cwd) with dvc.yaml."""
     start = Path(start or os.getcwd()).resolve()
     for d in (start, *start.parents):
         if (d / "dvc.yaml").is_file():
@@ -27,9 +52,16 @@ def project_root(start: str | Path | None = None) -> Path:
     return start
 
 
+def store_root() -> Path:
+    """The repository that owns the tracking store and Ray storage: `$DVC_ROOT`, else
+    `project_root()`."""
+    root = os.environ.get("DVC_ROOT", "")
+    return Path(root).resolve() if root else project_root()
+
+
 def tracking_uri(cfg) -> str:
     uri = cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{project_root() / 'mlflow.db'}"
+    return uri or f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 def _quiet_mlflow() -> None:
@@ -88,17 +120,41 @@ def file_hash(path: Path) -> str:
     return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else ""
 
 
-def run_tags(cfg, config_hash: str) -> dict[str, str]:
+def dvc_experiment() -> tuple[str, str]:
+    """(experiment name, baseline revision) of the running `dvc exp run`, ("", "") outside."""
+    return os.environ.get("DVC_EXP_NAME", ""), os.environ.get("DVC_EXP_BASELINE_REV", "")
+
+
+def run_tags(cfg, config_hash: str, role: str = "") -> dict[str, str]:
+    """The tags of a run started by this process (see the module docstring); the role tag
+    only when `role` is given (callers that set their own role put theirs first)."""
     root = project_root()
-    return {"git_commit": git_commit(root), "dvc_lock_sha1": file_hash(root / "dvc.lock"),
-            "config_hash": config_hash, "task": cfg.train.task,
-            "data_source": cfg.data.source, "factoring": cfg.model.factoring}
+    commit = git_commit(root)
+    exp, baseline = dvc_experiment()
+    stage = os.environ.get("DVC_STAGE", "")
+    source = f"dvc:{stage}" if stage else Path(sys.argv[0]).name or "python"
+    tags = {TAG_ROLE: role, TAG_DVC_EXP: exp, TAG_DVC_BASELINE: baseline,
+            TAG_GIT_COMMIT: commit.removesuffix("-dirty"), TAG_SOURCE_NAME: source,
+            TAG_SOURCE_TYPE: "LOCAL", "git_commit": commit,
+            "dvc_lock_sha1": file_hash(root / "dvc.lock"), "config_hash": config_hash,
+            "task": cfg.train.task, "data_source": cfg.data.source,
+            "factoring": cfg.model.factoring}
+    optional = (TAG_ROLE, TAG_DVC_EXP, TAG_DVC_BASELINE, TAG_GIT_COMMIT)   # left out when ""
+    return {k: v for k, v in tags.items() if v or k not in optional}
 
 
-def start_run(cfg, run_name: str, config_hash: str, run_id: str | None = None) -> str:
-    """Create the run (params flat, tags) — or reopen `run_id` when it still exists, so a
-    resumed training keeps logging into its own run. Returns the run id."""
-    from mlflow.entities import Param, RunTag
+def _log_params(cl, run_id: str, cfg) -> None:
+    from mlflow.entities import Param
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
+              for k, v in sorted(cfg.flat().items())]
+    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+        cl.log_batch(run_id, params=params[i:i + 100])
+
+
+def start_run(cfg, run_name: str, config_hash: str, run_id: str | None = None,
+              extra_tags: dict[str, str] | None = None) -> str:
+    """Create the training run (params flat, tags) — or reopen `run_id` when it still exists,
+    so a resumed training keeps logging into its own run. Returns the run id."""
     cl = client(cfg)
     if run_id:
         try:
@@ -109,13 +165,30 @@ def start_run(cfg, run_name: str, config_hash: str, run_id: str | None = None) -
         except Exception:
             pass  # deleted or another tracking store: start a new run
     exp = experiment_id(cl, cfg)
-    tags = run_tags(cfg, config_hash)
+    tags = {**run_tags(cfg, config_hash, role=ROLE_TRAIN), **(extra_tags or {})}
     run = cl.create_run(exp, run_name=run_name, tags=tags)
-    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-              for k, v in sorted(cfg.flat().items())]
-    for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-        cl.log_batch(run.info.run_id, params=params[i:i + 100])
-    cl.log_batch(run.info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    _log_params(cl, run.info.run_id, cfg)
+    return run.info.run_id
+
+
+def start_eval_run(cfg, training_run_id: str | None, run_name: str = "") -> str:
+    """A new evaluation run nested under `training_run_id` (when that run is in this store),
+    tagged with the DVC experiment: each evaluation has its own run, so two experiments that
+    share a training never overwrite each other's results. Returns its id."""
+    cl = client(cfg)
+    exp_id = experiment_id(cl, cfg)
+    tags = run_tags(cfg, cfg.hash(), role=ROLE_EVAL)
+    if training_run_id:
+        from mlflow.exceptions import MlflowException
+        tags[TAG_TRAINING_RUN] = training_run_id
+        try:
+            if cl.get_run(training_run_id).info.experiment_id == exp_id:
+                tags[TAG_PARENT] = training_run_id
+        except MlflowException:  # a training tracked elsewhere: keep its id, no parent link
+            pass
+    name = run_name or "eval-" + (dvc_experiment()[0] or "workspace")
+    run = cl.create_run(exp_id, run_name=name, tags=tags)
+    _log_params(cl, run.info.run_id, cfg)
     return run.info.run_id
 
 
@@ -132,6 +205,11 @@ def log_metrics(cfg, run_id: str, metrics: dict, step: int) -> None:
         client(cfg).log_batch(run_id, metrics=batch)
 
 
+def metric_steps(cfg, run_id: str, key: str) -> set[int]:
+    """The steps at which `key` is already logged in the run (a resumed training skips them)."""
+    return {m.step for m in client(cfg).get_metric_history(run_id, key)}
+
+
 def log_artifact(cfg, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     path = Path(path)
     cl = client(cfg)
@@ -143,11 +221,3 @@ def log_artifact(cfg, run_id: str, path: str | Path, artifact_path: str | None =
 
 def end_run(cfg, run_id: str, status: str = "FINISHED") -> None:
     client(cfg).set_terminated(run_id, status=status)
-
-
-def run_info(cfg, run_id: str) -> dict:
-    """What evaluation needs to log into the training's run (written next to the checkpoint)."""
-    cl = client(cfg)
-    run = cl.get_run(run_id)
-    return {"tracking_uri": tracking_uri(cfg), "experiment_id": run.info.experiment_id,
-            "experiment": cfg.mlflow.experiment, "run_id": run_id, "run_name": run.info.run_name}
