@@ -146,7 +146,7 @@ def test_prepare_roles_shapes_world_is_prepared_once(tmp_path):
     from jetformer.data.stages import run_prepare
 
     cfg = _cfg("data.resolution=8", "data.min_image_side=8", "data.workers=1",
-               "data.synthetic.num_train=6", "data.synthetic.num_val=4",
+               "data.synthetic.num_train=24", "data.synthetic.num_val=4",
                "data.synthetic.bad_files=false", f"data.synthetic.out_dir={tmp_path / 'raw'}",
                *_role_dirs(tmp_path / "prepared"))
     for r in ROLES:
