@@ -5,6 +5,7 @@ VQAv2 missing files and annotations of unlisted images counted."""
 import csv
 import json
 import os
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,10 +28,13 @@ def _junk(path: Path, data: bytes) -> Path:
 
 
 def _cfg(tmp: Path, source: str, **paths):
-    over = [f"data.source={source}", "data.resolution=8", "data.workers=1", "data.shard_size=3",
+    """`source` read by prepare() as a role's data (VQAv2, or an ImageFolder for a text model,
+    cannot be the pretraining source: the config validation refuses them there)."""
+    over = ["data.resolution=8", "data.workers=1", "data.shard_size=3",
             "data.max_bad_fraction=1.0", f"data.prepared_dir={tmp / 'prepared'}"]
     over += [f"data.{source}.{k}={v}" for k, v in paths.items()]
-    return load_config(REPO_ROOT / "params.yaml", overrides=over)
+    cfg = load_config(REPO_ROOT / "params.yaml", overrides=over)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=source))
 
 
 def _listing(prepared: Path) -> list[dict]:
