@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -40,13 +39,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jetformer.config import load_config  # noqa: E402
-from jetformer.models.jetformer import JetFormer  # noqa: E402
-from jetformer.train.optim import build_optimizer, clip_gradients  # noqa: E402
+from jetformer.config import load_config
+from jetformer.models.jetformer import JetFormer
+from jetformer.train.optim import build_optimizer, clip_gradients
 
 SIZES = {  # couplings, flow width, decoder width, decoder depth (issue 13's tiny and small)
-    "tiny": dict(couplings=8, flow_width=64, width=128, depth=4),
-    "small": dict(couplings=12, flow_width=96, width=192, depth=6),
+    "tiny": {"couplings": 8, "flow_width": 64, "width": 128, "depth": 4},
+    "small": {"couplings": 12, "flow_width": 96, "width": 192, "depth": 6},
 }
 RES, PATCH, DIMS, K, CLASSES, BATCH = 32, 4, 16, 8, 10, 32
 SIGMA_RGB, LATENT_NOISE, CFG_DROP, DROPOUT = 16.0, 0.3, 0.1, 0.1

@@ -22,13 +22,13 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from jetformer.config import Config
 from jetformer.data.loader import BatchLoader, BatchStream, make_batch  # noqa: F401 (re-export)
@@ -186,6 +186,8 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # some parameters sit out a batch (e.g. the flow when every row is image-first)
             objective = DDP(objective, device_ids=ids, find_unused_parameters=True)
+        if self.cfg.train.compile:   # same maths (tests/test_speed_parity.py), compiled kernels
+            objective = torch.compile(objective)
         self.objective = objective
 
     # -- state
