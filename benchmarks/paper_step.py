@@ -169,7 +169,7 @@ def main(argv=None) -> int:
         "checkpointed_blocks": wrapped, "optimizer": "AdamW per parameter inside backward",
         "param_counts": counts, "params_stepped": stepped, "params_changed": moved, "params_tensors": len(optimizers),
         "params_without_gradient": unused,
-        "loss": float(out["loss"]), "image_bpd": float(out["image_bpd"]),
+        "loss": float(out["loss"].detach()), "image_bpd": float(out["image_bpd"]),
         "train_flops_fwd_bwd": counter.get_total_flops(),
         "build_s": round(build_s, 1), "forward_s": round(forward_s, 1),
         "step_s": round(step_s, 1),
