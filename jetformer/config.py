@@ -192,6 +192,9 @@ class TrainConfig:
     sample_temperature: float = 0.95
     val_images: int = 256           # val images for the val bits/dim / text NLL at checkpoints
     num_workers: int = 2
+    loader_workers: int = 0         # DataLoader processes per training worker (0 = in-process)
+    loader_prefetch: int = 2        # batches in flight per loader process
+    compile: bool = False           # torch.compile the loss (forward + backward)
     use_gpu: str = "auto"           # auto | true | false
     ray_address: str = ""           # "" = $RAY_ADDRESS or a local Ray
     max_failures: int = 2
@@ -693,6 +696,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
                     "model.flow.mlp_dim", "model.decoder.width", "model.decoder.depth",
                     "model.decoder.num_heads", "model.decoder.head_dim", "model.decoder.mlp_dim",
                     "train.steps", "train.batch_size", "train.num_workers", "train.checkpoint_every",
+                    "train.loader_prefetch",
                     "train.log_every", "eval.batch_size", "eval.max_decode_len",
                     "data.synthetic.num_train", "data.synthetic.num_val", "data.min_image_side", "tune.cpus_per_trial",
                     "tune.max_concurrent_trials", "tune.num_samples"]
@@ -702,7 +706,7 @@ def validate(cfg: Config, source: str = "<params>") -> None:
     non_negative = ["model.flow.num_couplings", "model.flow.depth", "model.num_classes",
                     "model.ema_decay", "model.latent_noise_max", "train.flow_pretrain_steps",
                     "train.max_failures", "train.sample_every", "train.sample_prompts", "train.val_images",
-                    "train.sample_cfg_scale", "train.noise.sigma0",
+                    "train.sample_cfg_scale", "train.noise.sigma0", "train.loader_workers",
                     "train.noise.sigma_final", "train.weight_decay", "train.grad_clip",
                     "data.max_images", "eval.num_samples", "eval.cfg_scale", "eval.judge_steps",
                     "eval.finetune_steps", "eval.num_nll_images", "pca.num_images",

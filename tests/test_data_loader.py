@@ -88,3 +88,59 @@ def test_pickles_for_dataloader_workers(prepared_dir):
 def test_missing_prepared_dir_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="dvc repro prepare"):
         ArrowImageDataset(tmp_path, "train")
+
+
+# ----------------------------------------------------------------------------- BatchLoader
+def _loader(ds, position=None, workers=0, rank=0, batch=4):
+    from jetformer.data.loader import BatchLoader
+    return BatchLoader(ds, batch, seed=5, rank=rank, conditioning="class", tokenizer=None,
+                       max_text_len=8, position=position, workers=workers, prefetch=2)
+
+
+def _take(loader, n):
+    out = [next(loader) for _ in range(n)]
+    loader.close()
+    return out
+
+
+def test_batch_loader_batches_do_not_depend_on_worker_processes(prepared_dir):
+    ds = ArrowImageDataset(prepared_dir, "train", flip=True, generator=torch.Generator())
+    inline = _take(_loader(ds), 8)                                    # 32 items: 2nd epoch
+    pooled = _take(_loader(ds, workers=2), 8)
+    assert [p for _, p in inline] == [p for _, p in pooled]
+    assert inline[-1][1] == {"epoch": 1, "offset": 9}
+    for (a, _), (b, _) in zip(inline, pooled):
+        assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    # the flips are random per position (some images flipped, not all)
+    plain = ArrowImageDataset(prepared_dir, "train").images()
+    flat = torch.cat([b["images"] for b, _ in inline[:5]])           # first epoch: 20 items
+    as_is = [any(torch.equal(im, p) for p in plain) for im in flat]
+    assert 0 < sum(as_is) < len(as_is)
+
+
+def test_batch_loader_resumes_at_the_exact_position(prepared_dir):
+    ds = ArrowImageDataset(prepared_dir, "train", flip=True, generator=torch.Generator())
+    full = _take(_loader(ds, workers=2), 9)
+    position = full[3][1]                                             # after 4 batches
+    resumed = _take(_loader(ds, position=position, workers=2), 5)     # crosses the epoch end
+    for (a, pa_), (b, pb) in zip(full[4:], resumed):
+        assert pa_ == pb and torch.equal(a["images"], b["images"])
+    assert not torch.equal(full[0][0]["images"], resumed[0][0]["images"])
+
+
+def test_batch_loader_ranks_read_disjoint_parts(prepared_dir):
+    parts = [ArrowImageDataset(prepared_dir, "train", rank=r, world_size=2) for r in (0, 1)]
+    seen = [torch.cat([b["images"] for b, _ in _take(_loader(ds, rank=r, workers=1), 2)])
+            for r, ds in enumerate(parts)]                            # 8 of each part's 11-12
+    keys = [{im.numpy().tobytes() for im in s} for s in seen]
+    own = [{im.numpy().tobytes() for im in ds.images()} for ds in parts]
+    assert len(keys[0]) == len(keys[1]) == 8
+    assert keys[0] <= own[0] and keys[1] <= own[1] and not keys[0] & keys[1]
+
+
+def test_batch_loader_rejects_bad_settings(prepared_dir):
+    from jetformer.data.loader import BatchLoader
+    ds = ArrowImageDataset(prepared_dir, "val")
+    with pytest.raises(ValueError, match="prefetch=0"):
+        BatchLoader(ds, 2, seed=0, rank=0, conditioning="class", tokenizer=None,
+                    max_text_len=8, prefetch=0)

@@ -288,3 +288,21 @@ def test_cfg_tries_per_dim_are_capped_exactly(batch):
     var = expected * var_guided + (1 - expected) * sigma_c ** 2
     x = torch.cat(xs)
     assert x.var().item() == pytest.approx(var, rel=6 * math.sqrt(2 / n) + 0.01)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_head_sample_draws_what_gmm_sample_draws(temperature):
+    """`GMMHead.sample` (the decoding fast path) = `gmm_sample` of the head's mixture: the same
+    components and values from the same generator state."""
+    torch.manual_seed(0)
+    head = GMMHead(width=12, dim=5, num_mixtures=6)
+    torch.nn.init.normal_(head.proj.weight, std=0.5)
+    torch.nn.init.normal_(head.proj.bias, std=0.5)
+    h = torch.randn(64, 12)
+    fast = head.sample(h, temperature, torch.Generator().manual_seed(3))
+    ref = gmm_sample(*head(h), temperature, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fast, ref, rtol=1e-6, atol=1e-6)
+    other = head.sample(h, temperature, torch.Generator().manual_seed(4))
+    assert (other - ref).abs().max() > 0.1                              # the draw is random
+    with pytest.raises(ValueError, match="temperature"):
+        head.sample(h, 0.0)

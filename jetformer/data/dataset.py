@@ -81,6 +81,11 @@ class ArrowImageDataset(torch.utils.data.Dataset):
         return self._shard_pixels(shard)[row]
 
     def __getitem__(self, i: int) -> dict:
+        return self.item(i, self.generator)
+
+    def item(self, i: int, generator: torch.Generator | None = None) -> dict:
+        """Item `i`, its flip (when `flip`) drawn from `generator` (the training loader passes
+        one seeded by the batch's position, so a batch is the same in any worker process)."""
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
@@ -88,7 +93,7 @@ class ArrowImageDataset(torch.utils.data.Dataset):
         shard, row = self._locate(i)
         t = self._table(shard)
         image = torch.from_numpy(self.image_array(i).copy())      # [H, W, 3] uint8
-        if self.flip and torch.rand((), generator=self.generator) < 0.5:
+        if self.flip and torch.rand((), generator=generator) < 0.5:
             image = image.flip(1)
         attributes = t.column("attributes")[row].as_py()
         return {"id": t.column("id")[row].as_py(), "image": image,

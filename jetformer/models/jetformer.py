@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from jetformer.noise import bits_per_dim, curriculum_noise, from_model_space, to_model_space
 
 from .factoring import ImageCodec, standard_normal_nll
-from .gmm import GMMHead, gmm_cfg_sample, gmm_nll, gmm_sample
+from .gmm import GMMHead, gmm_cfg_sample, gmm_nll
 from .transformer import Decoder, init_linear
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -449,12 +449,12 @@ class JetFormer(nn.Module):
         stepper = _Stepper(self, h, valid, N - 1, use_cache)
         tokens = []
         for i in range(N):
-            gmm = self.gmm_head(stepper.last_output())                         # [R,K], [R,K,d] x2
             if cfg_scale > 0:  # conditional rows, then [NOLABEL] rows
+                gmm = self.gmm_head(stepper.last_output())                     # [R,K], [R,K,d] x2
                 cond_gmm, uncond_gmm = zip(*(t.split(B) for t in gmm))
                 x = gmm_cfg_sample(cond_gmm, uncond_gmm, cfg_scale, temperature, generator)
-            else:
-                x = gmm_sample(*(t[:B] for t in gmm), temperature, generator)
+            else:  # = gmm_sample(*self.gmm_head(out[:B]), ...), fewer ops
+                x = self.gmm_head.sample(stepper.last_output()[:B], temperature, generator)
             tokens.append(x)                                                   # [B, d]
             if i < N - 1:  # both streams are fed the same token
                 emb = self.image_embed(x.to(h.dtype))                          # [B, W]

@@ -91,12 +91,15 @@ class KVCache:
     kv: [depth, B, max_len, 2, head_dim] (key, value of a slot side by side: the one-token step
     writes both with one copy); k, v: its [depth, B, max_len, head_dim] views; valid: bool
     [B, max_len]; length: slots filled so far; step_weights: weights derived for the one-token step
-    (set on first use: a cache only holds for the weights that filled it).
+    (set on first use: a cache only holds for the weights that filled it); step_bias: additive
+    attention bias [B, 1, max_len] of the one-token steps (0 = may attend, -inf = padding),
+    derived from `valid` on first use and kept up to date by the steps.
     """
     kv: torch.Tensor
     valid: torch.Tensor
     length: int = 0
     step_weights: tuple | None = None
+    step_bias: torch.Tensor | None = None
 
     @property
     def k(self) -> torch.Tensor:
@@ -219,10 +222,13 @@ class Decoder(nn.Module):
         B, L, _ = h.shape
         if positions.shape != (B, L):
             raise ValueError(f"positions must have shape {(B, L)}, got {tuple(positions.shape)}")
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(device=h.device, dtype=torch.bool)
+            if attn_mask.shape != (B, L):
+                raise ValueError(f"attn_mask must have shape {(B, L)}, got "
+                                 f"{tuple(attn_mask.shape)}")
         valid = (torch.ones(B, L, dtype=torch.bool, device=h.device) if attn_mask is None
-                 else attn_mask.to(device=h.device, dtype=torch.bool))
-        if valid.shape != (B, L):
-            raise ValueError(f"attn_mask must have shape {(B, L)}, got {tuple(valid.shape)}")
+                 else attn_mask)
 
         start = 0
         if cache is not None:
@@ -231,11 +237,12 @@ class Decoder(nn.Module):
                 raise ValueError(f"cache holds batch {cache.batch_size}, input has batch {B}")
             if start + L > cache.max_len:
                 raise ValueError(f"KV cache overflow: {start} + {L} tokens > max_len {cache.max_len}")
-            cache.valid[:, start:start + L] = valid
-            key_valid = cache.valid[:, :start + L]                                  # [B, S]
             if L == 1 and not self.training:
-                out = self._step(h.reshape(B, -1), positions, key_valid, cache, attn_mask is None)
+                out = self._step(h.reshape(B, -1), positions, cache, attn_mask)
                 return out.view(B, 1, -1), cache
+            cache.valid[:, start:start + L] = valid
+            cache.step_bias = None              # re-derived from `valid` by the next step
+            key_valid = cache.valid[:, :start + L]                                  # [B, S]
         else:
             key_valid = valid
         S = start + L
@@ -261,7 +268,10 @@ class Decoder(nn.Module):
         RMSNorm's weight folded into their input columns:
             RMSNorm(x) @ Wᵀ = rsqrt(Σx² + W·eps) · (x @ (W · √W·(1 + scale))ᵀ),
         and the transposed output projections for addmm (residual add in the same op). Each eps
-        is kept as the tensor √(W·eps): sqrt(Σx² + W·eps) = hypot(‖x‖, √(W·eps)), two ops."""
+        is kept as the tensor √(W·eps): sqrt(Σx² + W·eps) = hypot(‖x‖, √(W·eps)), two ops (fewer
+        than `rms_norm`'s on the CPU). The RoPE frequencies of the [q_1..q_H, k, v] rows carry
+        the sign of `rotate`'s (-sin, sin) (sin is odd, cos even: cos(±a) = cos a, sin(±a) =
+        ±sin a); v gets angle 0."""
         def root_eps(norm):
             return torch.tensor((norm.eps * self.width) ** 0.5, device=norm.scale.device)
 
@@ -277,13 +287,12 @@ class Decoder(nn.Module):
                            *fold(blk.pre_ffw_norm, torch.cat([mlp.gate.weight, mlp.up.weight])),
                            mlp.down.weight.t()))
         final = self.final_norm
-        # RoPE frequencies of the [q_1..q_H, k, v] rows of one step: zero for v (identity)
         inv_freq = self.inv_freq(final.scale.device)
-        inv_freq = torch.cat([inv_freq.expand(self.num_heads + 1, -1),
-                              torch.zeros_like(inv_freq)[None]])                   # [H+2, hd]
-        sign = torch.ones_like(inv_freq)
-        sign[:, :self.head_dim // 2] = -1                                           # (-sin, sin)
-        return (layers, root_eps(final), (1 + final.scale) * self.width ** 0.5, inv_freq, sign)
+        signed = inv_freq.clone()
+        signed[:self.head_dim // 2].neg_()                                          # (-, +)
+        signed = torch.cat([signed.expand(self.num_heads + 1, -1),
+                            torch.zeros_like(signed)[None]])                        # [H+2, hd]
+        return layers, root_eps(final), (1 + final.scale) * self.width ** 0.5, signed
 
     @staticmethod
     def _rms_denominator(x, root_eps):
@@ -291,26 +300,35 @@ class Decoder(nn.Module):
         return torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32),
                            root_eps)
 
-    def _step(self, h, positions, key_valid, cache, token_is_real):
+    @staticmethod
+    def _init_step_bias(cache: KVCache, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, max_len] additive bias from `cache.valid` over the filled slots; slots not yet
+        filled are 0 (a step's own token always counts; a padding step masks itself after)."""
+        bias = torch.zeros(cache.batch_size, 1, cache.max_len, dtype=dtype,
+                           device=cache.valid.device)
+        n = cache.length
+        bias[:, 0, :n].masked_fill_(~cache.valid[:, :n], float("-inf"))
+        return bias
+
+    def _step(self, h, positions, cache, attn_mask):
         """Decoding step of one token per row in eval mode (dropout off): h [B, W], positions
-        [B, 1], key_valid [B, S] (the new token's slot last) -> [B, W]. The maths of the general
-        path with L = 1, written for per-op overhead (it dominates at small sizes): folded
-        RMSNorm weights (`_step_weights`), the token attends to the real cached tokens and to
-        itself through an additive key bias (no [L, S] mask), one rotation of the [q; k; v] rows
-        (v by angle 0), one cache write for k and v, and with one query position the H heads are
-        the rows of one [H, hd] x [hd, S] product per example (MQA: one shared key head), so two
-        small bmm replace SDPA."""
+        [B, 1], attn_mask bool [B, 1] or None (real) -> [B, W]. The maths of the general path
+        with L = 1, written for per-op overhead (it dominates at small sizes): folded weights
+        (`_step_weights`), the token attends to the real cached tokens
+        and to itself through the cache's additive key bias (no [L, S] mask), one rotation of
+        the [q; k; v] rows (v by angle 0), one cache write for k and v, and with one query
+        position the H heads are the rows of one [H, hd] x [hd, S] product per example (MQA:
+        one shared key head), so two small bmm replace SDPA."""
         if cache.step_weights is None:  # + per-layer views of the cache, [B, max_len, 2, hd]
             cache.step_weights = (*self._step_weights(), [cache.kv[i] for i in range(self.depth)])
-        layers, final_eps, final_weight, inv_freq, sign, layer_kv = cache.step_weights
+        layers, final_eps, final_weight, signed_freq, layer_kv = cache.step_weights
         B, H, hd = h.shape[0], self.num_heads, self.head_dim
         slot = cache.length
-        bias = torch.where(key_valid, 0.0, float("-inf"))[:, None]                 # [B, 1, S]
-        if not token_is_real:
-            bias[:, :, slot] = 0.0                           # every token may attend to itself
-        bias = _cast(bias, layers[0][1].dtype)
-        angles = positions.float()[:, :, None] * inv_freq                          # [B, H+2, hd]
-        cos, signed_sin = angles.cos(), angles.sin().mul_(sign)
+        if cache.step_bias is None:
+            cache.step_bias = self._init_step_bias(cache, layers[0][1].dtype)
+        bias = cache.step_bias.narrow(2, 0, slot + 1)                              # [B, 1, S]
+        angles = positions.float()[:, :, None] * signed_freq                       # [B, H+2, hd]
+        cos, signed_sin = angles.cos(), angles.sin()
         x = h
         for i, (eps1, w_qkv, w_o_t, eps2, w_gate_up, w_down_t) in enumerate(layers):
             qkv = F.linear(x, w_qkv).div_(self._rms_denominator(x, eps1)).view(B, H + 2, hd)
@@ -318,14 +336,19 @@ class Decoder(nn.Module):
             qkv = _cast(torch.addcmul(qf * cos, qf.roll(hd // 2, -1), signed_sin), qkv.dtype)
             layer_kv[i].select(1, slot).copy_(qkv.narrow(1, H, 2))
             keys, values = _cast(layer_kv[i].narrow(1, 0, slot + 1), qkv.dtype).unbind(2)
-            logits = torch.baddbmm(bias, qkv.narrow(1, 0, H), keys.transpose(1, 2),
-                                   alpha=hd ** -0.5)                                # [B, H, S]
+            logits = torch.baddbmm(_cast(bias, qkv.dtype), qkv.narrow(1, 0, H),
+                                   keys.transpose(1, 2), alpha=hd ** -0.5)          # [B, H, S]
             out = torch.bmm(logits.softmax(-1), values).view(B, H * hd)
             # residual add inside the matmul (addmm) unless autocast gives out another dtype
             x = torch.addmm(x, out, w_o_t) if x.dtype == out.dtype else x + out @ w_o_t
             gate, up = F.linear(x, w_gate_up).div_(self._rms_denominator(x, eps2)).chunk(2, dim=-1)
             hidden = F.gelu(gate, approximate="tanh") * up
             x = torch.addmm(x, hidden, w_down_t) if x.dtype == hidden.dtype else x + hidden @ w_down_t
+        if attn_mask is None:
+            cache.valid[:, slot] = True
+        else:  # a padding token attended to itself; later tokens must not attend to it
+            cache.valid[:, slot] = attn_mask[:, 0]
+            cache.step_bias[:, 0, slot].masked_fill_(~attn_mask[:, 0], float("-inf"))
         cache.length = slot + 1
         x_normed = _cast(x, torch.float32) / self._rms_denominator(x, final_eps)
         return _cast(x_normed.mul_(final_weight), x.dtype)

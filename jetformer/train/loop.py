@@ -22,15 +22,16 @@ import random
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 
 from jetformer.config import Config
+from jetformer.data.loader import BatchLoader, BatchStream, make_batch  # noqa: F401 (re-export)
 from jetformer.noise import sigma_at
 from jetformer.train import checkpoint as ckpt
 from jetformer.train.optim import build_optimizer, build_scheduler, clip_gradients
@@ -46,54 +47,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- data
-class BatchStream:
-    """Indices of one worker's part, `batch` at a time, in a fresh permutation every epoch.
-
-    The position (epoch, offset) is the whole state: the permutation of an epoch is drawn from
-    (seed, rank, epoch), so a resumed run continues with exactly the batches it would have seen.
-    """
-
-    def __init__(self, num_items: int, batch: int, seed: int, rank: int):
-        if num_items <= 0:
-            raise ValueError(f"worker {rank} has no training examples (the train split is "
-                             "smaller than train.num_workers?)")
-        self.num_items, self.batch, self.seed, self.rank = num_items, batch, seed, rank
-        self.epoch, self.offset = 0, 0
-        self._perm = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 10_007 + epoch)
-        return torch.randperm(self.num_items, generator=g)
-
-    def next(self) -> list[int]:
-        out: list[int] = []
-        while len(out) < self.batch:
-            take = min(self.batch - len(out), self.num_items - self.offset)
-            out += self._perm[self.offset:self.offset + take].tolist()
-            self.offset += take
-            if self.offset == self.num_items:
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._perm = self._permutation(self.epoch)
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._perm = self._permutation(self.epoch)
-
-
-def make_batch(items: list[dict], conditioning: str, tokenizer, max_text_len: int,
-               generator: torch.Generator) -> dict:
-    """Dataset items -> a model batch (one random caption per image for text models)."""
-    if conditioning == "class":
-        return {"images": torch.stack([it["image"] for it in items]),
-                "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}
-    from jetformer.data.batching import caption_batch
-    return caption_batch(items, tokenizer, max_text_len, generator)
-
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()}
@@ -187,8 +140,9 @@ class _Trainer:
             from jetformer.models.ema import EMA
             self.ema = EMA(self.model, cfg.model.ema_decay)
 
-        # per-rank randomness: dropout (global RNG), noise/order draws (step_gen), captions
-        # (data_gen), flips (flip_gen); all saved in checkpoints
+        # per-rank randomness: dropout (global RNG), noise/order draws (step_gen), all saved in
+        # checkpoints; a training batch's captions and flips are seeded by its position
+        # (BatchLoader); data_gen / flip_gen serve direct dataset reads
         rank_seed = t.seed * 7919 + 1000 * (rank + 1)
         torch.manual_seed(rank_seed)
         np.random.seed(rank_seed % 2**32)
@@ -201,7 +155,11 @@ class _Trainer:
         self.train_ds = ArrowImageDataset(cfg.data.prepared_dir, "train", rank, world_size,
                                           flip=cfg.data.flip, generator=self.flip_gen)
         self.val_ds = ArrowImageDataset(cfg.data.prepared_dir, "val", rank, world_size)
-        self.stream = BatchStream(len(self.train_ds), self.local_batch, t.seed, rank)
+        if len(self.train_ds) == 0:
+            raise ValueError(f"worker {rank} has no training examples (the train split is "
+                             "smaller than train.num_workers?)")
+        self.data_position = {"epoch": 0, "offset": 0}   # after the last consumed batch
+        self._batches: BatchLoader | None = None
 
         self.step = 0
         self.history: list[dict] = []
@@ -229,6 +187,8 @@ class _Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # some parameters sit out a batch (e.g. the flow when every row is image-first)
             objective = DDP(objective, device_ids=ids, find_unused_parameters=True)
+        if self.cfg.train.compile:   # same maths (tests/test_speed_parity.py), compiled kernels
+            objective = torch.compile(objective)
         self.objective = objective
 
     # -- state
@@ -237,7 +197,7 @@ class _Trainer:
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "numpy": ckpt.numpy_rng_state(), "python": random.getstate(),
                 "step_gen": self.step_gen.get_state(), "data_gen": self.data_gen.get_state(),
-                "flip_gen": self.flip_gen.get_state(), "data_position": self.stream.state()}
+                "flip_gen": self.flip_gen.get_state(), "data_position": dict(self.data_position)}
 
     def load_rank_state(self, s: dict) -> None:
         torch.set_rng_state(s["torch"])
@@ -248,7 +208,8 @@ class _Trainer:
         self.step_gen.set_state(s["step_gen"])
         self.data_gen.set_state(s["data_gen"])
         self.flip_gen.set_state(s["flip_gen"])
-        self.stream.load_state(s["data_position"])
+        self.data_position = {k: int(v) for k, v in s["data_position"].items()}
+        self.close_loader()
 
     def gather_rank_states(self) -> list[dict]:
         mine = self.rank_state()
@@ -289,6 +250,30 @@ class _Trainer:
         self.load_rank_state(s["rank_states"][self.rank])
         self.history, self.samples = list(s["history"]), dict(s["samples"])
         self.train_time = float(s["train_time_s"])
+
+    # -- data
+    def next_batch(self) -> dict:
+        """The next training batch on the device, from a `BatchLoader` started at the position
+        of the last consumed batch (`data_position` is what a checkpoint resumes from)."""
+        if self._batches is None:
+            t = self.cfg.train
+            self._batches = BatchLoader(
+                self.train_ds, self.local_batch, seed=t.seed, rank=self.rank,
+                conditioning=self.model.conditioning, tokenizer=self.tokenizer,
+                max_text_len=self.cfg.tokenizer.max_text_len, position=self.data_position,
+                workers=t.loader_workers, prefetch=t.loader_prefetch,
+                pin_memory=self.device.type == "cuda")
+        batch, self.data_position = next(self._batches)
+        return _to(batch, self.device)
+
+    def close_loader(self) -> None:
+        if self._batches is not None:
+            self._batches.close()
+            self._batches = None
+
+    def epoch(self) -> float:
+        """Epochs of this worker's part consumed so far."""
+        return self.data_position["epoch"] + self.data_position["offset"] / len(self.train_ds)
 
     # -- evaluation pieces
     def _autocast(self):
@@ -452,10 +437,7 @@ def train_loop(cfg: Config, *, rank: int, world_size: int, reporter: Reporter,
             if stage.name != tr.stage.name:
                 tr.enter_stage(stage)
             t0 = time.perf_counter()
-            items = [tr.train_ds[i] for i in tr.stream.next()]
-            batch = _to(make_batch(items, tr.model.conditioning, tr.tokenizer,
-                                   cfg.tokenizer.max_text_len, tr.data_gen), tr.device)
-            row = tr.update(batch)
+            row = tr.update(tr.next_batch())
             if tr.device.type == "cuda":
                 torch.cuda.synchronize(tr.device)
             dt = time.perf_counter() - t0
@@ -467,7 +449,7 @@ def train_loop(cfg: Config, *, rank: int, world_size: int, reporter: Reporter,
                 row = {"step": tr.step, "stage": 0 if tr.stage.name == "flow" else 1,
                        **_mean_rows(interval),
                        "examples_per_s": len(interval) * t.batch_size / max(interval_time, 1e-9),
-                       "epoch": tr.stream.epoch + tr.stream.offset / tr.stream.num_items}
+                       "epoch": tr.epoch()}
                 tr.history.append(row)
                 metrics = dict(row)
                 if progress is not None:
@@ -505,4 +487,5 @@ def train_loop(cfg: Config, *, rank: int, world_size: int, reporter: Reporter,
             tr.last_checkpoint_step = tr.step
             interval_start = time.perf_counter()
         if is_last:
+            tr.close_loader()
             return metrics
