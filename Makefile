@@ -24,8 +24,11 @@ repro: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# the self-contained benchmarks; peer_compare.py (needs --peer), paper_step.py (~20 GiB, minutes)
+# and gpu_check.sh (CUDA) are run by hand, see README "Scaling up"
+BENCHES := prepare train_step sampling loader
 bench: install
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in $(BENCHES); do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 # params.yaml <- params.yaml + overlays, e.g.  make params PRESET="jetformer_b imagenet256"
 params: install
