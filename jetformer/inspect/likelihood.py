@@ -11,7 +11,7 @@ The image NLL is a sum over the N patches of three parts, each in bits:
 so that  sum_i (gmm_i + factored_i + logdet_i) = the image's NLL in bits = bpd * H*W*3, with bpd
 the model's `image_bits_per_dim`. Each patch has D_p = 3p^2 dims, so the mean of the per-patch
 bits/dim is the image's bits/dim. A coupling's log-det is a sum over patches and channels of its
-log-scales (`Coupling._affine`), which is what assigns it to patches; its scales depend on every
+log-scales (`Coupling.token_logdet`), which is what assigns it to patches; its scales depend on every
 patch (the coupling nets attend over the whole image).
 """
 from __future__ import annotations
@@ -61,8 +61,7 @@ def _flow_patch_logdet(flow, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """Run the Jet couplings on z [B, N, D]; returns (output, log-det per patch [B, N] in nats)."""
     per_patch = z.new_zeros(z.shape[:2])
     for coupling in flow.couplings:
-        x1 = z[..., coupling.perm][..., :coupling.split]
-        per_patch = per_patch + coupling._affine(x1, z.dtype)[2].sum(-1)
+        per_patch = per_patch + coupling.token_logdet(z)
         z, _ = coupling(z)
     return z, per_patch
 

@@ -151,6 +151,10 @@ class Coupling(nn.Module):
         shift, scale, log_scale = self._affine(x)
         return (x + shift) * scale, log_scale.sum(dim=(1, 2))             # [B, N, D], [B]
 
+    def token_logdet(self, x: torch.Tensor) -> torch.Tensor:
+        """log|det| of `forward(x)` per token [B, N]: it sums to forward's log-det."""
+        return self._affine(x)[2].sum(-1)
+
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         shift, scale, _ = self._affine(y)                 # x1 = y1: the net sees the same input
         return y / scale - shift
