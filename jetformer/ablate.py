@@ -39,7 +39,7 @@ from pathlib import Path
 from jetformer.config import ABLATIONS_DIR, Config, ConfigError, deep_merge, load_config
 
 ABLATION_EXPERIMENT_SUFFIX = "-ablations"
-ROW_TAG, SEED_TAG, ROLE_TAG = "jetformer.ablation", "jetformer.seed", "jetformer.role"
+ROW_TAG, SEED_TAG = "jetformer.ablation", "jetformer.seed"
 # sanity checks and verdict thresholds
 CHANCE_MARGIN = 0.10       # attribute accuracy below chance + this = "at chance"
 MIN_BASELINE_ACCURACY = 0.7  # the baseline must have learnt its conditioning (issue 16)
@@ -319,6 +319,7 @@ def _child_run(cfg: Config, ctx: dict, point: dict) -> str:
     cl = tracking.client(cfg)
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "mlflow.runName": cfg.mlflow.run_name,
             ROW_TAG: point["row"], SEED_TAG: str(point["seed"]),
+            tracking.TAG_ABLATION_TABLE: ctx["table"],
             **tracking.run_tags(cfg, point["hash"])}
     run = cl.create_run(ctx["experiment_id"], run_name=cfg.mlflow.run_name,
                         tags={k: str(v) for k, v in tags.items()})
@@ -326,7 +327,7 @@ def _child_run(cfg: Config, ctx: dict, point: dict) -> str:
               for k, v in sorted(cfg.flat().items())]
     for i in range(0, len(params), 100):
         cl.log_batch(run.info.run_id, params=params[i:i + 100])
-    cl.log_batch(run.info.run_id, tags=[RunTag(ROLE_TAG, "ablation-row")])
+    cl.log_batch(run.info.run_id, tags=[RunTag(tracking.TAG_ROLE, tracking.ROLE_ABLATION)])
     return run.info.run_id
 
 
@@ -495,7 +496,13 @@ def settings_hash(cfg: Config) -> str:
     return cfg.hash(tuple(k for k in cfg.to_dict() if k not in UNHASHED))
 
 
-def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:
+def table_name(presets=()) -> str:
+    """The table's name in MLflow (tag `jetformer.ablation_table`, `compare --ablation-table`):
+    the presets beneath the rows, e.g. "table2", or "default"."""
+    return "+".join(Path(str(p)).stem for p in presets) or "default"
+
+
+def _parent_run(cfg: Config, base_hash: str, storage: Path, table: str) -> dict:
     """The table's parent MLflow run, one per base config (reopened by a rerun)."""
     from jetformer.train import tracking
     from jetformer.train.checkpoint import atomic_write_bytes
@@ -511,8 +518,9 @@ def _parent_run(cfg: Config, base_hash: str, storage: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - deleted, or another store: a new parent
             print(f"ablate: parent run {state.get('parent_run_id')} not reusable ({e})")
     run = cl.create_run(exp_id, run_name=f"ablations-{base_hash}",
-                        tags={ROLE_TAG: "ablations", **tracking.run_tags(cfg, base_hash)})
-    state = {"parent_run_id": run.info.run_id, "experiment_id": exp_id}
+                        tags={tracking.TAG_ROLE: "ablations", tracking.TAG_ABLATION_TABLE: table,
+                              **tracking.run_tags(cfg, base_hash)})
+    state = {"parent_run_id": run.info.run_id, "experiment_id": exp_id, "table": table}
     atomic_write_bytes(state_file, json.dumps(state, indent=2).encode())
     return state
 
@@ -535,7 +543,8 @@ def run_ablations(params="params.yaml", presets=(), sets=(), only=(), seeds: int
     base_hash = load_config(deep_merge(base_cfg.to_dict(), {"seed": 0, "train": {"seed": 0}})
                             ).hash()
     storage = Path(base_cfg.tune.storage_dir).resolve()
-    state = _parent_run(base_cfg, base_hash, storage)
+    state = {"table": table_name(presets), **_parent_run(base_cfg, base_hash, storage,
+                                                           table_name(presets))}
     if pending:
         _fit(base_cfg, points, pending, state, storage, base_hash)
     rows = write_tables(points, base_cfg, presets, sets, seeds, out_dir, state)

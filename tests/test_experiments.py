@@ -342,6 +342,12 @@ def test_ablate_micro_budget_end_to_end(tmp_path, monkeypatch):
         == {("baseline", "0"), ("baseline", "1"), ("pca", "0"), ("pca", "1")}
     assert all(r.info.status == "FINISHED" and "fid" in r.data.metrics for r in children)
     assert len(cl.get_metric_history(children[0].info.run_id, "loss")) >= 1
+    # `compare --ablation-table default` selects exactly this table's parent and rows
+    from jetformer.compare import Selection
+    picked = cl.search_runs([exp.experiment_id],
+                            Selection(ablation_table="default").filter_string())
+    assert {r.info.run_id for r in picked} == {r.info.run_id for r in parents + children}
+    assert all(r.data.tags["jetformer.role"] == "ablation" for r in children)
 
 
 # ----------------------------------------------------------------------------- sigma0 plots
