@@ -82,7 +82,7 @@ def test_real_format_fixtures_dvc_repro_end_to_end(tmp_path):
     outputs = _locked_outputs(lock)
     roles = ("pretrain", "caption", "vqa", "zeroshot", "fid")
     assert {f"prepare@{r}" for r in roles} | {"train", "sample", "evaluate_generation",
-                                               "evaluate_vqa", "eval_report"} <= set(outputs)
+                                               "evaluate@vqa", "eval_report"} <= set(outputs)
     missing = [(s, p) for s, paths in outputs.items() for p in paths if not (repo / p).exists()]
     assert not missing, f"recorded outputs missing after dvc repro: {missing}"
 

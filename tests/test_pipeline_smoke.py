@@ -196,7 +196,7 @@ def test_micro_dvc_repro_produces_every_output_and_is_idempotent(pipeline):
     repo, env = pipeline["repo"], pipeline["env"]
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     stages = _ok(_dvc(["stage", "list", "--name-only"], repo, env, 120), "dvc stage list").split()
-    assert {"prepare", "tokenizer", "train", "eval_report"} <= set(stages) == set(lock)
+    assert {"prepare@pretrain", "tokenizer", "train", "eval_report"} <= set(stages) == set(lock)
     missing = [(s, o["path"]) for s, st in lock.items() for o in st.get("outs", [])
                if not (repo / o["path"]).exists()]
     assert not missing, f"declared outputs missing after dvc repro: {missing}"
