@@ -43,10 +43,13 @@ def _roundtrip(cfg, samples: Path, captioner: Path, plots: Path, table: Path) ->
     null = {"roundtrip_cider": None, "roundtrip_attribute_recall": None}
     Path(table).unlink(missing_ok=True)
     info = read_json(captioner / "finetune.json")
+    def skipped(reason: str) -> dict:
+        return {**null, **{f"{k}_unavailable": reason for k in null}, "roundtrip_skipped": reason}
+
     if info.get("skipped"):
-        return {**null, "roundtrip_skipped": f"no captioner: {info['skipped']}"}
+        return skipped(f"no captioner: {info['skipped']}")
     if not (samples / "t2i.pt").is_file():
-        return {**null, "roundtrip_skipped": f"no text-to-image samples in {samples}"}
+        return skipped(f"no text-to-image samples in {samples}")
     s = safe_load(samples / "t2i.pt", "samples")
     net, _, tokenizer = _load_finetuned(captioner, cfg)
     captions = generate_captions(net, tokenizer, s["images"], max_len=cfg.eval.max_decode_len,
@@ -59,6 +62,9 @@ def _roundtrip(cfg, samples: Path, captioner: Path, plots: Path, table: Path) ->
               zip(s["prompts"][i:i + 4], captions[i:i + 4], s["images"][i:i + 4])]
              for i in range(0, min(k, len(captions)), 4)]
     cells_figure(cells, plots / "roundtrip.png", title="prompt -> sample -> caption")
+    if metrics["roundtrip_attribute_recall"] is None:
+        metrics["roundtrip_attribute_recall_unavailable"] = (
+            "the prompts' source has no scene attributes to recall")
     return metrics
 
 
