@@ -59,3 +59,20 @@ def randomize_(module: torch.nn.Module, std: float = 0.05, out_std: float = 0.2,
 def randomize():
     """`randomize(module, std=0.05, out_std=0.2, seed=0)` -> the module, perturbed in place."""
     return randomize_
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A project dir with the micro world prepared and a tokenizer trained (module-scoped)."""
+    from jetformer.data.prepare import prepare
+    from jetformer.data.tokenizer import train_tokenizer, training_texts
+    root = tmp_path_factory.mktemp("project")
+    torch.set_num_threads(1)
+    cfg = load_config(REPO_ROOT / "params.yaml", overlays=["micro"], overrides=[
+        f"data.synthetic.out_dir={root / 'data/raw/shapes'}",
+        f"data.prepared_dir={root / 'data/prepared'}",
+        f"tokenizer.out_path={root / 'models/tokenizer.model'}"])
+    prepare(cfg)
+    train_tokenizer(training_texts(cfg.data.prepared_dir), cfg.tokenizer.out_path,
+                    cfg.tokenizer.vocab_size)
+    return root

@@ -25,21 +25,7 @@ MICRO = ("train.steps=6", "train.checkpoint_every=3", "train.log_every=1", "trai
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    """A project dir with the micro world prepared and a tokenizer trained (module-scoped)."""
-    from jetformer.data.prepare import prepare
-    from jetformer.data.tokenizer import train_tokenizer, training_texts
-    root = tmp_path_factory.mktemp("project")
-    torch.set_num_threads(1)
-    cfg = load_config(REPO / "params.yaml", overlays=["micro"], overrides=[
-        f"data.synthetic.out_dir={root / 'data/raw/shapes'}",
-        f"data.prepared_dir={root / 'data/prepared'}",
-        f"tokenizer.out_path={root / 'models/tokenizer.model'}"])
-    prepare(cfg)
-    train_tokenizer(training_texts(cfg.data.prepared_dir), cfg.tokenizer.out_path,
-                    cfg.tokenizer.vocab_size)
-    return root
+# `project`: the micro world prepared and a tokenizer trained (conftest.py)
 
 
 def micro_cfg(project: Path, *overrides: str):
