@@ -92,16 +92,7 @@ def patch_nll(model, images: torch.Tensor, generator: torch.Generator | None = N
     with eval_mode(model), torch.autocast(model.device.type, enabled=False):
         B, N = images.shape[0], model.num_image_tokens
         x = to_model_space(images.to(model.device), generator)
-        tokens, rest, logdet = model.codec.encode(x)
-        if text is None and labels is None:
-            cond_h, cond_valid = model._unconditional(B)
-        else:
-            cond_h, cond_valid = model._condition(text, text_mask, labels, None)
-        h, valid = model._text_first_prefix(cond_h, cond_valid)
-        h = torch.cat([h, model.image_embed(tokens[:, :-1])], dim=1)
-        valid = torch.cat([valid, valid.new_ones(B, N - 1)], dim=1)
-        out = model._decode(h, valid)
-        T = cond_h.shape[1]
+        tokens, rest, logdet, out, T = model.heldout_pass(x, text, text_mask, labels)
         total = model._text_first_image_nll(out, tokens, rest, logdet, T)[2]         # [B] nats
         gmm = gmm_nll(*model.gmm_head(out[:, T + 1: T + 1 + N]), tokens)             # [B, N]
         factored = model.codec.prior_nll(rest.reshape(B * N, 1, rest.shape[-1])).view(B, N)

@@ -333,19 +333,25 @@ class JetFormer(nn.Module):
 
         Conditioned on `text`/`labels` when given, else unconditional ([NOLABEL] prefix)."""
         with eval_mode(self):
-            images = images.to(self.device)
-            B = images.shape[0]
-            tokens, rest, logdet = self.codec.encode(to_model_space(images, generator))
-            if text is None and labels is None:
-                cond_h, cond_valid = self._unconditional(B)
-            else:
-                cond_h, cond_valid = self._condition(text, text_mask, labels, None)
-            h, valid = self._text_first_prefix(cond_h, cond_valid)
-            h = torch.cat([h, self.image_embed(tokens[:, :-1])], dim=1)
-            valid = torch.cat([valid, valid.new_ones(B, tokens.shape[1] - 1)], dim=1)
-            out = self._decode(h, valid)
-            nll = self._text_first_image_nll(out, tokens, rest, logdet, cond_h.shape[1])[2]
+            x = to_model_space(images.to(self.device), generator)
+            tokens, rest, logdet, out, T = self.heldout_pass(x, text, text_mask, labels)
+            nll = self._text_first_image_nll(out, tokens, rest, logdet, T)[2]
             return bits_per_dim(nll, self.num_image_dims)
+
+    def heldout_pass(self, x: torch.Tensor, text=None, text_mask=None, labels=None):
+        """The text-first pass over clean images in model space x [B, H, W, 3]: (tokens, rest,
+        logdet, decoder outputs, condition length T); the image tokens' outputs start at T + 1.
+        Conditioned on `text`/`labels` when given, else on the [NOLABEL] prefix."""
+        B = x.shape[0]
+        tokens, rest, logdet = self.codec.encode(x)
+        if text is None and labels is None:
+            cond_h, cond_valid = self._unconditional(B)
+        else:
+            cond_h, cond_valid = self._condition(text, text_mask, labels, None)
+        h, valid = self._text_first_prefix(cond_h, cond_valid)
+        h = torch.cat([h, self.image_embed(tokens[:, :-1])], dim=1)
+        valid = torch.cat([valid, valid.new_ones(B, tokens.shape[1] - 1)], dim=1)
+        return tokens, rest, logdet, self._decode(h, valid), cond_h.shape[1]
 
     @torch.no_grad()
     def score_text(self, images: torch.Tensor, text: torch.Tensor,
