@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -32,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from jetformer.config import load_config  # noqa: E402
 from jetformer.models.jetformer import JetFormer  # noqa: E402
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 from jetformer.train.optim import build_optimizer, clip_gradients  # noqa: E402
 
 
@@ -120,11 +119,7 @@ def main(argv=None) -> int:
               "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
               if device.type == "cuda" else None, "torch": torch.__version__}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, report)
     print(json.dumps(report, indent=2))
     if not report["parity_ok"]:
         print(f"gpu_step: bf16 loss {losses['bf16']} vs fp32 {losses['fp32']}: relative "

@@ -30,6 +30,7 @@ from jetformer.config import load_config  # noqa: E402
 from jetformer.data.dataset import ArrowImageDataset  # noqa: E402
 from jetformer.data.loader import BatchLoader  # noqa: E402
 from jetformer.data.prepare import prepare  # noqa: E402
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 
 
 def step_images_per_s(path: Path) -> tuple[float, str] | None:
@@ -93,11 +94,7 @@ def main(argv=None) -> dict:
         report.update(step_images_per_s=round(rate, 3), step_source=source,
                       loader_over_step=round(max(r["images_per_s"] for r in runs) / rate, 1))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_out = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp_out, out)
+    atomic_write_json(out, report)
     print(json.dumps(report, indent=2))
     return report
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +37,7 @@ sys.path.insert(0, str(REPO))
 from jetformer.config import load_config  # noqa: E402
 from jetformer.models.jetformer import JetFormer  # noqa: E402
 from jetformer.models.summary import parameter_counts  # noqa: E402
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 
 GIB = 2 ** 30
 
@@ -177,11 +176,7 @@ def main(argv=None) -> int:
         "mem_available_gib_before": round(avail, 1), "torch": torch.__version__,
     }
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, out_path)
+    atomic_write_json(out_path, report)
     print(json.dumps(report, indent=2))
     return 0
 

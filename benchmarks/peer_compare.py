@@ -28,7 +28,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from jetformer.config import load_config
 from jetformer.models.jetformer import JetFormer
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 from jetformer.train.optim import build_optimizer, clip_gradients
 
 SIZES = {  # couplings, flow width, decoder width, decoder depth (issue 13's tiny and small)
@@ -222,11 +222,7 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, clock=time.per
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, obj)
 
 
 def main(argv=None) -> dict:

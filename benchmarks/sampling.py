@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 from jetformer.config import load_config  # noqa: E402
 from jetformer.models.jetformer import EOS_ID, JetFormer  # noqa: E402
 from jetformer.noise import to_model_space  # noqa: E402
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 
 
 def _sync(device):
@@ -183,11 +183,7 @@ def main(argv=None) -> dict:
         "torch": torch.__version__,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, result)
     print(json.dumps(result, indent=2))
     return result
 

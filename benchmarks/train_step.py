@@ -19,7 +19,6 @@ import os
 import platform
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from jetformer.config import load_config  # noqa: E402
+from jetformer.safe_io import atomic_write_json  # noqa: E402
 from jetformer.train.checkpoint import build_model  # noqa: E402
 from jetformer.train.launch import absolute_paths  # noqa: E402
 from jetformer.train.loop import load_inputs, make_batch, train_loop  # noqa: E402
@@ -164,11 +164,7 @@ def main() -> None:
                       "steps exclude Ray start-up, validation and sampling; a load average above "
                       "the core count means other jobs shared the CPUs"}
     out = root / args.out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, report)
     print(f"wrote {out}")
 
 

@@ -8,6 +8,7 @@ refused before any of its code runs.
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
@@ -80,6 +81,11 @@ def _atomic(path: str | Path, write) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (never a half file)."""
     _atomic(path, lambda f: f.write(data))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON at `path`, atomically (benchmark results, reports)."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
