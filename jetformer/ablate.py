@@ -133,6 +133,7 @@ def ensure_inputs(cfg: Config) -> None:
         print(f"ablate: preparing the {cfg.data.synthetic.world} world -> "
               f"{cfg.data.prepared_dir}", flush=True)
         prepare(cfg)
+    ensure_roles(cfg)
     if cfg.model.conditioning == "text" and not Path(cfg.tokenizer.out_path).is_file():
         raise FileNotFoundError(f"tokenizer not found: {cfg.tokenizer.out_path} "
                                 "(run `dvc repro tokenizer`)")
@@ -145,6 +146,30 @@ def ensure_inputs(cfg: Config) -> None:
         out = judge_file(cfg)
         print(f"ablate: training the judge -> {out}", flush=True)
         run_judge(cfg, out=out, metrics=out.with_suffix(".json"))
+
+
+def ensure_roles(cfg: Config) -> None:
+    """Each evaluation role's `role.json` (`prepare@<role>`), written when missing for a
+    synthetic world; a role fed by the pretraining data must point at *this* config's
+    `data.prepared_dir`, or its FID would be measured against another world."""
+    from jetformer.config import ROLES, role_prepared_dir, role_source
+    from jetformer.data.roles import ROLE_FILE, read_role
+    from jetformer.data.stages import run_prepare
+    for role in ROLES[1:]:
+        out = Path(role_prepared_dir(cfg.data, role))
+        if not (out / ROLE_FILE).is_file() and not (out / "metadata.json").is_file():
+            if cfg.data.source != "synthetic":
+                raise FileNotFoundError(f"{out}: no prepared data for data.roles.{role} "
+                                        f"(run `dvc repro prepare@{role}`)")
+            run_prepare(cfg, role, metrics=out.parent / f"prepare_{role}.json")
+        info = read_role(out)
+        fed_by_pretraining = role_source(cfg.data, role) == cfg.data.source
+        if fed_by_pretraining and info.get("data") not in (".", None) \
+                and Path(info["data"]).resolve() != Path(cfg.data.prepared_dir).resolve():
+            raise ValueError(
+                f"{out / ROLE_FILE}: data.roles.{role} points at {info['data']}, not at this "
+                f"config's data.prepared_dir ({cfg.data.prepared_dir}): set "
+                f"data.roles.{role}.prepared_dir to a directory of this world's own")
 
 
 def ensure_pca(cfg: Config) -> None:

@@ -436,3 +436,21 @@ def test_ablation_point_hash_ignores_tracking_and_parallelism():
                                      "mlflow.tracking_uri=sqlite:///x.db"], only=["no_flow"], seeds=1)
     c = plan(PARAMS, ["tiny"], sets=["train.lr=1e-4"], only=["no_flow"], seeds=1)
     assert a["no_flow/seed0"]["hash"] == b["no_flow/seed0"]["hash"] != c["no_flow/seed0"]["hash"]
+
+
+def test_ablate_refuses_a_role_that_points_at_another_world(tmp_path, monkeypatch):
+    """A role file left by the default world (pointing at its prepared data) must not serve a
+    config whose pretraining data is elsewhere: its FID would be measured on the wrong world."""
+    from jetformer.ablate import ensure_roles
+    from jetformer.data.roles import read_role, write_role
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(PARAMS), overlays=["table2"],
+                      overrides=["data.roles.fid.prepared_dir=data/other/fid",
+                                 "data.roles.caption.prepared_dir=data/p/caption",
+                                 "data.roles.vqa.prepared_dir=data/p/vqa",
+                                 "data.roles.zeroshot.prepared_dir=data/p/zeroshot"])
+    ensure_roles(cfg)                       # writes the missing role files of this world
+    assert read_role("data/p/caption")["data"] == cfg.data.prepared_dir
+    write_role("data/other/fid", {"data": "data/prepared/pretrain", "unavailable": ""})
+    with pytest.raises(ValueError, match=r"data\.roles\.fid.*data/prepared/pretrain"):
+        ensure_roles(cfg)
