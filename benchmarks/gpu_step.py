@@ -36,12 +36,12 @@ from jetformer.train.optim import build_optimizer, clip_gradients  # noqa: E402
 
 def fixed_batch(model: JetFormer, batch: int, device) -> dict:
     g = torch.Generator().manual_seed(0)
-    R = model.cfg.data.resolution
+    R = model.codec.resolution
     out = {"images": torch.randint(0, 256, (batch, R, R, 3), generator=g, dtype=torch.uint8)}
     if model.conditioning == "class":
         out["labels"] = torch.randint(0, model.num_classes, (batch,), generator=g)
     else:
-        T = model.cfg.tokenizer.max_text_len
+        T = model.max_text_len
         out["text"] = torch.randint(4, model.vocab_size, (batch, T), generator=g)
         out["text_mask"] = torch.arange(T)[None] < torch.randint(2, T + 1, (batch, 1), generator=g)
         out["image_first"] = torch.arange(batch) % 2 == 1
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     cfg = load_config(REPO / "params.yaml", overlays=args.preset, overrides=args.set)
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size,
+    model = JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size,
                       num_classes=cfg.model.num_classes or 10).to(device)
     batch = fixed_batch(model, args.batch, device)
     with torch.no_grad():  # move the zero-initialised heads/couplings off zero: a real check

@@ -101,7 +101,7 @@ def peak_rss_gib() -> float:
 
 def text_first_batch(model: JetFormer, batch: int) -> dict:
     g = torch.Generator().manual_seed(0)
-    R, T = model.cfg.data.resolution, model.cfg.tokenizer.max_text_len
+    R, T = model.codec.resolution, model.max_text_len
     out = {"images": torch.randint(0, 256, (batch, R, R, 3), generator=g, dtype=torch.uint8),
            "image_first": torch.zeros(batch, dtype=torch.bool)}
     if model.conditioning == "class":
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
 
     t = time.perf_counter()
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size,
+    model = JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size,
                       num_classes=cfg.model.num_classes or 1000).train()
     wrapped = checkpoint_blocks(model)
     optimizers = optimizer_in_backward(model, cfg.train)

@@ -112,7 +112,7 @@ def fixed_batch(seed: int = 0):
 def our_step_fn(size: dict, images, labels, compile_step: bool):
     cfg = our_config(size)
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size).train()
+    model = JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train()
     opt = build_optimizer(model, cfg.train)
     batch = {"images": images, "labels": labels}
     g = torch.Generator().manual_seed(0)
@@ -152,7 +152,7 @@ def peer_step_fn(peer, size: dict, images, labels):
 def our_sample_fn(size: dict, n: int, cfg_scale: float):
     cfg = our_config(size)
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size).eval()
+    model = JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).eval()
     labels = torch.arange(n) % CLASSES
 
     def run():

@@ -84,7 +84,7 @@ def build(args, device):
         return model, cfg
     cfg = load_config(REPO / "params.yaml", overlays=args.preset, overrides=args.set)
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size,
+    model = JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size,
                       num_classes=cfg.model.num_classes or 10)
     return model.to(device).eval(), cfg
 

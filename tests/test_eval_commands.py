@@ -22,7 +22,7 @@ def checkpoint(tmp_path_factory):
     tok = train_tokenizer(TEXTS, d / "tok.model", vocab_size=48)
     cfg = make_tiny_cfg(f"tokenizer.out_path={d / 'tok.model'}", "eval.batch_size=3")
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=tok.vocab_size)
+    model = JetFormer.from_config(cfg, vocab_size=tok.vocab_size)
     with torch.no_grad():   # a non-trivial GMM head so samples depend on the random stream
         for p in model.gmm_head.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -25,7 +25,7 @@ def test_finetune_caption_and_vqa(tmp_path):
                           tmp_path / "tok.model", vocab_size=40)
     cfg = make_tiny_cfg("model.decoder.dropout=0.0")
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=tok.vocab_size)
+    model = JetFormer.from_config(cfg, vocab_size=tok.vocab_size)
     flow_before = {k: v.clone() for k, v in model.codec.state_dict().items()}
     head_before = model.text_head.weight.detach().clone()
     items = _items(8, cfg.data.resolution)

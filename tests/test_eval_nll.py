@@ -12,7 +12,7 @@ from jetformer.models.jetformer import JetFormer
 def class_model(make_cfg, randomize):
     cfg = make_cfg("model.conditioning=class", "train.task=class", "model.num_classes=4",
                    "model.decoder.dropout=0.0")
-    return randomize(JetFormer(cfg, vocab_size=16), std=0.2, out_std=0.2).eval()
+    return randomize(JetFormer.from_config(cfg, vocab_size=16), std=0.2, out_std=0.2).eval()
 
 
 def test_conditional_and_unconditional_nll_are_both_reported(class_model):

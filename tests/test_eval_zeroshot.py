@@ -12,7 +12,7 @@ def _solid(rgb, n, size):
 def test_zeroshot_picks_the_class_the_model_prefers(make_cfg):
     cfg = make_cfg("model.decoder.dropout=0.0", "train.task=i2t")
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=16)
+    model = JetFormer.from_config(cfg, vocab_size=16)
     size = cfg.data.resolution
     # three classes, each a colour; class names are token ids [5+c, EOS]
     colours = [(230, 20, 20), (20, 230, 20), (20, 20, 230)]
@@ -48,7 +48,7 @@ def test_prompt_ensemble_is_the_log_sum_of_its_templates(make_cfg):
     """[P, C, T] prompts: score = log sum_p p(text_pc | image); one template = plain scoring."""
     cfg = make_cfg("model.decoder.dropout=0.0")
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=16).eval()
+    model = JetFormer.from_config(cfg, vocab_size=16).eval()
     images = _solid((200, 30, 30), 3, cfg.data.resolution)
     # two templates x two classes: "[9] name" and "[10] name", names 5 and 6
     text = torch.tensor([[[9, 5, EOS_ID], [9, 6, EOS_ID]], [[10, 5, EOS_ID], [10, 6, EOS_ID]]])

@@ -31,9 +31,14 @@ def random_pca(dim, seed=0):
             "explained_variance": torch.linspace(1.0, 0.01, dim)}
 
 
+def codec_of(cfg, pca=None):
+    """The ImageCodec of a full Config (as `JetFormer.from_config` builds it)."""
+    return ImageCodec(cfg.model, cfg.data.resolution, cfg.seed, pca=pca)
+
+
 def build(cfg, randomize=None, seed=0):
     torch.manual_seed(seed)
-    codec = ImageCodec(cfg, pca=random_pca(cfg.token_dim) if cfg.model.factoring == "pca" else None)
+    codec = codec_of(cfg, random_pca(cfg.token_dim) if cfg.model.factoring == "pca" else None)
     if randomize is not None:
         randomize(codec, out_std=0.05 if cfg.model.flow.num_couplings > 4 else 0.2)
     return codec.eval()
@@ -101,7 +106,8 @@ def test_no_flow_tokens_are_raw_patches(make_cfg):
     x = torch.rand(2, 8, 8, 3) * 2 - 1
     tokens, rest, logdet = codec.encode(x)
     assert torch.equal(tokens, patchify(x, 2)) and rest.shape == (2, 16, 0)
-    assert torch.equal(logdet, torch.zeros(2)) and torch.equal(codec.prior_nll(rest), torch.zeros(2))
+    assert torch.equal(logdet, torch.zeros(2))
+    assert torch.equal(codec.prior_nll(rest), torch.zeros(2))
 
 
 def test_prior_nll_is_standard_normal(tiny_cfg):
@@ -142,7 +148,7 @@ def test_learnable_w_is_trained_by_the_loss(make_cfg):
 def test_pca_is_frozen_and_required(make_cfg):
     cfg = make_cfg("model.factoring=pca", "pca.enabled=true")
     pca = random_pca(12, seed=1)
-    codec = ImageCodec(cfg, pca=pca)
+    codec = codec_of(cfg, pca=pca)
     assert not any(p is codec.linear.weight for p in codec.parameters())   # frozen
     assert torch.equal(codec.state_dict()["linear.weight"], pca["components"])
     x = torch.rand(2, 8, 8, 3) * 2 - 1
@@ -151,13 +157,13 @@ def test_pca_is_frozen_and_required(make_cfg):
     y = (patchify(x, 2) - pca["mean"] - 0.5 / 127.5) @ pca["components"].T
     assert torch.allclose(rest, y[..., 4:], atol=1e-5)                  # identity flow at init
     with pytest.raises(ValueError, match="fit_pca"):
-        ImageCodec(cfg, pca=None)
+        codec_of(cfg, pca=None)
     with pytest.raises(ValueError, match="orthonormal"):
-        ImageCodec(cfg, pca={"components": 2 * pca["components"], "mean": pca["mean"]})
+        codec_of(cfg, pca={"components": 2 * pca["components"], "mean": pca["mean"]})
     with pytest.raises(ValueError, match=r"\(12, 12\)"):
-        ImageCodec(cfg, pca={"components": torch.eye(48), "mean": torch.zeros(48)})
+        codec_of(cfg, pca={"components": torch.eye(48), "mean": torch.zeros(48)})
     with pytest.raises(ValueError, match="missing"):
-        ImageCodec(cfg, pca={"components": pca["components"]})
+        codec_of(cfg, pca={"components": pca["components"]})
 
 
 def test_encode_decode_reject_bad_shapes(tiny_cfg):
@@ -209,11 +215,11 @@ def test_pre_flow_prior_nll_is_a_learnt_diagonal_gaussian(variant, make_cfg):
 def test_pca_prior_scale_is_the_ml_fit_under_dequantisation(make_cfg):
     cfg = make_cfg("model.factoring=pca", "pca.enabled=true")
     pca = random_pca(12, seed=2)
-    codec = ImageCodec(cfg, pca=pca)
+    codec = codec_of(cfg, pca=pca)
     var = pca["explained_variance"][4:].double() + 1.0 / (12 * 127.5 ** 2)
     assert torch.allclose(codec.rest_scale().double() ** 2, var, rtol=1e-5)
     with pytest.raises(ValueError, match="explained_variance"):
-        ImageCodec(cfg, pca={k: v for k, v in pca.items() if k != "explained_variance"})
+        codec_of(cfg, pca={k: v for k, v in pca.items() if k != "explained_variance"})
 
 
 def test_decode_draws_rest_from_the_learnt_prior(make_cfg):
@@ -250,7 +256,7 @@ def test_pca_prior_draws_decode_to_training_image_statistics():
     pca = fit_pca(train.numpy(), 4)
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=["model.factoring=pca",
                                                            "pca.enabled=true"])
-    codec = ImageCodec(cfg, pca=pca).eval()
+    codec = codec_of(cfg, pca=pca).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         tokens, rest, _ = codec.encode(to_model_space(held, g))

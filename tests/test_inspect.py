@@ -27,7 +27,7 @@ TEXTS = ["a red circle", "a blue square on the left", "a green triangle in the c
 def _model(*overrides, vocab=32, seed=0):
     cfg = make_tiny_cfg(*overrides)
     torch.manual_seed(seed)
-    return randomize_(JetFormer(cfg, vocab_size=vocab), seed=seed).eval()
+    return randomize_(JetFormer.from_config(cfg, vocab_size=vocab), seed=seed).eval()
 
 
 def _images(n=3, seed=0):
@@ -220,7 +220,7 @@ def checkpoint(tmp_path_factory):
     tok = train_tokenizer(TEXTS, d / "tok.model", vocab_size=40)
     cfg = make_tiny_cfg(f"tokenizer.out_path={d / 'tok.model'}", "eval.batch_size=2")
     torch.manual_seed(0)
-    model = randomize_(JetFormer(cfg, vocab_size=tok.vocab_size))
+    model = randomize_(JetFormer.from_config(cfg, vocab_size=tok.vocab_size))
     export_model({"config": cfg.to_dict(), "vocab_size": tok.vocab_size, "num_classes": 0,
                   "pca": None, "step": 1, "model": model.state_dict(), "ema": None}, d / "ck")
     paths = []
@@ -280,7 +280,7 @@ def test_inspect_stage_writes_grids_and_metrics(tmp_path):
     prepare(cfg)
     tok = train_tokenizer(TEXTS, tmp_path / "tok.model", vocab_size=40)
     torch.manual_seed(0)
-    model = randomize_(JetFormer(cfg, vocab_size=tok.vocab_size)).eval()
+    model = randomize_(JetFormer.from_config(cfg, vocab_size=tok.vocab_size)).eval()
     state = {"config": cfg.to_dict(), "vocab_size": tok.vocab_size, "num_classes": 0,
              "pca": None, "step": 1, "model": model.state_dict(), "ema": None}
     export_model(state, tmp_path / "ck")

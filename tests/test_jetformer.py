@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jetformer.models.ema import EMA
-from jetformer.models.jetformer import EOS_ID, JetFormer, eval_mode
+from jetformer.models.jetformer import EOS_ID, JetFormer, Objective, eval_mode
 from jetformer.noise import to_model_space
 
 VOCAB = 16
@@ -37,7 +37,7 @@ def random_text(B, T, g, min_len=2):
 @pytest.fixture
 def text_model(make_cfg, randomize):
     torch.manual_seed(0)
-    model = JetFormer(make_cfg("model.decoder.dropout=0.0"), vocab_size=VOCAB)
+    model = JetFormer.from_config(make_cfg("model.decoder.dropout=0.0"), vocab_size=VOCAB)
     return randomize(model, std=0.05, out_std=0.2).eval()
 
 
@@ -46,7 +46,7 @@ def class_model(make_cfg, randomize):
     torch.manual_seed(0)
     cfg = make_cfg("model.conditioning=class", "train.task=class", "model.num_classes=3",
                    "model.decoder.dropout=0.0")
-    return randomize(JetFormer(cfg, vocab_size=VOCAB), std=0.05, out_std=0.2).eval()
+    return randomize(JetFormer.from_config(cfg, vocab_size=VOCAB), std=0.05, out_std=0.2).eval()
 
 
 def _loss(model, batch, image_first, seed=1, **kw):
@@ -62,7 +62,7 @@ def test_bits_per_dim_scores_every_dimension_once(make_cfg):
     """At init the flow is the identity and the GMM head is N(0, I): the image bpd must equal
     the N(0, 1) NLL of every dequantised pixel (tokens AND factored-out dims), + log2(127.5)."""
     torch.manual_seed(0)
-    model = JetFormer(make_cfg(), vocab_size=VOCAB).eval()
+    model = JetFormer.from_config(make_cfg(), vocab_size=VOCAB).eval()
     batch = toy_pairs()
     out = _loss(model, batch, image_first=False, seed=3)
     x = to_model_space(batch["images"], torch.Generator().manual_seed(3))
@@ -118,6 +118,63 @@ def test_prefix_targets_and_padding_do_not_change_the_loss(text_model):
             scored_head.weight.div_(1.5)
 
 
+def test_loss_is_the_row_weighted_sum_of_its_two_parts(make_cfg, randomize):
+    """loss = (sum of the text-first rows' image bpd + text_loss_weight x sum of the image-first
+    rows' text NLL) / B: a mixed batch gives what its text-first part and its image-first part
+    give alone (same random draws), each weighted by its number of rows."""
+    cfg = make_cfg("model.decoder.dropout=0.0")
+    torch.manual_seed(0)
+    model = JetFormer(cfg.model, Objective(task="both", cfg_drop_prob=0.1, text_loss_weight=0.5),
+                      resolution=8, max_text_len=8, seed=0, vocab_size=VOCAB)
+    model = randomize(model, std=0.05, out_std=0.2).eval()
+    batch = toy_pairs()
+    batch["text"], batch["text_mask"] = random_text(8, 8, torch.Generator().manual_seed(0))
+    first = torch.tensor([0, 1, 1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    mixed = model.compute_loss({**batch, "image_first": first}, 0.0, train=False,
+                               generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)   # text-first rows draw first, then image-first rows
+    alone = {}
+    for kind, rows in (("t2i", ~first), ("i2t", first)):
+        part = {k: v[rows] for k, v in batch.items()}
+        alone[kind] = model.compute_loss({**part, "image_first": first[rows]}, 0.0, train=False,
+                                         generator=g)
+    n_t2i, n_i2t = int((~first).sum()), int(first.sum())
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(alone["t2i"]["loss"], alone["t2i"]["image_bpd"], **close)
+    torch.testing.assert_close(alone["i2t"]["loss"], 0.5 * alone["i2t"]["text_nll"], **close)
+    torch.testing.assert_close(mixed["image_bpd"], alone["t2i"]["image_bpd"], **close)
+    torch.testing.assert_close(mixed["text_nll"], alone["i2t"]["text_nll"], **close)
+    for key in ("logdet_per_dim", "prior_nll_per_dim"):
+        torch.testing.assert_close(mixed[key], alone["t2i"][key], **close)
+    expected = (n_t2i * alone["t2i"]["loss"] + n_i2t * alone["i2t"]["loss"]) / 8
+    torch.testing.assert_close(mixed["loss"], expected, **close)
+    assert 0.5 * n_i2t * mixed["text_nll"] / 8 > 100 * 1e-5 * mixed["loss"]  # the text counts
+
+
+def test_model_takes_its_own_settings(make_cfg):
+    """The model reads `cfg.model` plus its Objective (built from `cfg.train` in one place);
+    `from_config` equals the explicit constructor, and the settings are checked."""
+    cfg = make_cfg("train.task=i2t", "train.text_loss_weight=0.5", "train.cfg_drop_prob=0.2")
+    torch.manual_seed(0)
+    a = JetFormer.from_config(cfg, vocab_size=VOCAB)
+    assert a.objective == Objective(task="i2t", cfg_drop_prob=0.2, text_loss_weight=0.5)
+    assert (a.max_text_len, a.codec.resolution) == (8, 8)
+    states = []
+    for seed in (cfg.seed, cfg.seed + 1):
+        torch.manual_seed(0)
+        states.append(JetFormer(cfg.model, a.objective, resolution=8, max_text_len=8, seed=seed,
+                                vocab_size=VOCAB).state_dict())
+    assert all(torch.equal(v, states[0][k]) for k, v in a.state_dict().items())
+    assert any(not torch.equal(v, states[1][k]) for k, v in states[0].items())  # seed -> flow
+    out = a.compute_loss(toy_pairs(), 0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.isnan(out["image_bpd"]) and out["loss"] == 0.5 * out["text_nll"]  # all i2t
+    with pytest.raises(ValueError, match="train.task"):
+        Objective(task="x2y", cfg_drop_prob=0.1, text_loss_weight=1.0)
+    with pytest.raises(ValueError, match="train.task='class'"):
+        JetFormer(cfg.model, Objective(task="class", cfg_drop_prob=0.1, text_loss_weight=1.0),
+                  resolution=8, max_text_len=8, seed=0, vocab_size=VOCAB)
+
+
 def test_text_loss_mask_selects_scored_tokens(text_model):
     """VQA-style: only answer tokens are scored. The last valid token is only ever a target, so
     when it is masked out of the loss, changing it changes nothing."""
@@ -147,7 +204,8 @@ def test_training_noise_only_on_text_first_rows(text_model, make_cfg):
     tf = {**batch, "image_first": torch.zeros(8, dtype=torch.bool)}
     for latent in (0.0, 2.0):
         torch.manual_seed(0)
-        model = JetFormer(make_cfg(f"model.latent_noise_max={latent}"), vocab_size=VOCAB)
+        cfg = make_cfg(f"model.latent_noise_max={latent}")
+        model = JetFormer.from_config(cfg, vocab_size=VOCAB)
         losses = [model.compute_loss(tf, sigma, train=True,
                                      generator=torch.Generator().manual_seed(1))["image_bpd"]
                   for sigma in (0.0, 40.0)]
@@ -178,7 +236,8 @@ def test_condition_changes_image_likelihood(text_model, class_model):
 def test_overfits_fixed_batch(make_cfg):
     """A tiny model memorises 8 image-caption pairs (both orders): image bpd and text NLL fall."""
     torch.manual_seed(0)
-    model = JetFormer(make_cfg("model.decoder.dropout=0.0", "train.task=both"), vocab_size=VOCAB)
+    cfg = make_cfg("model.decoder.dropout=0.0", "train.task=both")
+    model = JetFormer.from_config(cfg, vocab_size=VOCAB)
     batch = toy_pairs()
 
     def evaluate():
@@ -202,7 +261,7 @@ def test_overfits_fixed_batch(make_cfg):
 def test_flow_prior_loss_is_bits_per_dim(make_cfg):
     """Identity flow at init: the flow-alone loss is the N(0, I) bpd of the dequantised pixels."""
     torch.manual_seed(0)
-    model = JetFormer(make_cfg(), vocab_size=VOCAB)
+    model = JetFormer.from_config(make_cfg(), vocab_size=VOCAB)
     images = toy_pairs()["images"]
     loss = model.flow_prior_loss(images, 0.0, generator=torch.Generator().manual_seed(2))
     x = to_model_space(images, torch.Generator().manual_seed(2))
@@ -300,7 +359,8 @@ def test_zero_shot_scoring_picks_the_trained_caption(make_cfg):
     scoring both class names on fresh images of each class picks the right one, and greedy
     decoding stops at EOS."""
     torch.manual_seed(0)
-    model = JetFormer(make_cfg("model.decoder.dropout=0.0", "train.task=i2t"), vocab_size=VOCAB)
+    cfg = make_cfg("model.decoder.dropout=0.0", "train.task=i2t")
+    model = JetFormer.from_config(cfg, vocab_size=VOCAB)
     g = torch.Generator().manual_seed(0)
 
     def draw(B):
@@ -322,7 +382,8 @@ def test_zero_shot_scoring_picks_the_trained_caption(make_cfg):
         opt.step()
     images, _, label = draw(6)
     names = torch.tensor([[4, EOS_ID], [5, EOS_ID]])
-    scores = torch.stack([model.score_text(images, n.expand(6, 2), torch.ones(6, 2, dtype=torch.bool))
+    scores = torch.stack([model.score_text(images, n.expand(6, 2),
+                                           torch.ones(6, 2, dtype=torch.bool))
                           for n in names], dim=1)                     # [B, classes]
     assert (scores <= 0).all()
     assert torch.equal(scores.argmax(1), label)
@@ -334,7 +395,7 @@ def test_zero_shot_scoring_picks_the_trained_caption(make_cfg):
 # ----------------------------------------------------------------------------- EMA
 def test_ema_tracks_average_and_swaps_back(make_cfg):
     torch.manual_seed(0)
-    model = JetFormer(make_cfg(), vocab_size=VOCAB)
+    model = JetFormer.from_config(make_cfg(), vocab_size=VOCAB)
     ema = EMA(model, decay=0.9)
     w0 = model.image_embed.weight.detach().clone()
     with torch.no_grad():
@@ -353,7 +414,7 @@ def test_ema_tracks_average_and_swaps_back(make_cfg):
         EMA(model, decay=1.0)
 
 
-def test_bad_inputs_fail_clearly(text_model, class_model):
+def test_bad_inputs_fail_clearly(text_model, class_model, make_cfg):
     batch = toy_pairs()
     with pytest.raises(ValueError, match="images"):
         text_model.compute_loss({**batch, "images": batch["images"].float()}, 0.0)
@@ -361,5 +422,9 @@ def test_bad_inputs_fail_clearly(text_model, class_model):
         text_model.compute_loss({"images": batch["images"]}, 0.0)
     with pytest.raises(ValueError, match="labels"):
         class_model.compute_loss({"images": batch["images"], "labels": torch.full((8,), 3)}, 0.0)
+    with pytest.raises(ValueError, match="text_loss_mask"):
+        text_model.compute_loss({**batch, "text_loss_mask": batch["text_mask"][:, :4]}, 0.0)
+    with pytest.raises(ValueError, match="image_first"):
+        text_model.compute_loss({**batch, "image_first": torch.ones(3, dtype=torch.bool)}, 0.0)
     with pytest.raises(ValueError, match="vocab_size"):
-        JetFormer(text_model.cfg, vocab_size=3)
+        JetFormer.from_config(make_cfg(), vocab_size=3)

@@ -129,7 +129,7 @@ def text_checkpoint(tmp_path_factory):
                           d / "tok.model", vocab_size=40)
     cfg = make_tiny_cfg(f"tokenizer.out_path={d / 'tok.model'}")
     torch.manual_seed(0)
-    model = JetFormer(cfg, vocab_size=tok.vocab_size)
+    model = JetFormer.from_config(cfg, vocab_size=tok.vocab_size)
     export_model({"config": cfg.to_dict(), "vocab_size": tok.vocab_size, "num_classes": 0,
                   "pca": None, "step": 1, "model": model.state_dict(), "ema": None}, d / "ck")
     return str(d / "ck")

@@ -29,7 +29,7 @@ class Payload:
 def _tiny_export(tmp_path, randomize):
     cfg = make_tiny_cfg("model.conditioning=class", "train.task=class", "model.num_classes=3")
     torch.manual_seed(0)
-    model = randomize(JetFormer(cfg, vocab_size=4, num_classes=3))
+    model = randomize(JetFormer.from_config(cfg, vocab_size=4, num_classes=3))
     state = {"config": cfg.to_dict(), "vocab_size": 4, "num_classes": 3, "pca": None,
              "step": 1, "model": model.state_dict(), "ema": None}
     return model, state, ckpt.export_model(state, tmp_path / "ck")

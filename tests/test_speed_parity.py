@@ -33,7 +33,7 @@ def loss_and_grads(model, batch, seed, loss_fn=None):
 
 def batch_for(model, B=6):
     g = torch.Generator().manual_seed(1)
-    R = model.cfg.data.resolution
+    R = model.codec.resolution
     batch = {"images": torch.randint(0, 256, (B, R, R, 3), generator=g, dtype=torch.uint8)}
     if model.conditioning == "class":
         batch["labels"] = torch.arange(B) % model.num_classes
@@ -52,7 +52,7 @@ def batch_for(model, B=6):
 def test_loss_and_gradients_match_the_reference_couplings(make_cfg, randomize, overrides):
     cfg = make_cfg("model.decoder.dropout=0.1", "model.latent_noise_max=0.3", *overrides)
     torch.manual_seed(0)
-    model = randomize(JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
+    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
     batch = batch_for(model)
     loss, grads = loss_and_grads(model, batch, seed=3)
     with reference_couplings(model):
@@ -73,7 +73,7 @@ def test_compiled_loss_matches_eager(make_cfg, randomize):
     cfg = make_cfg("model.decoder.dropout=0.0", "model.conditioning=class", "train.task=class",
                    "model.num_classes=3", "model.flow.num_couplings=2", "model.decoder.depth=1")
     torch.manual_seed(0)
-    model = randomize(JetFormer(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
+    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
     batch = batch_for(model)
     loss, grads = loss_and_grads(model, batch, seed=3)
     c_loss, c_grads = loss_and_grads(model, batch, seed=3, loss_fn=torch.compile(model.compute_loss))

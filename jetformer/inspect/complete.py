@@ -56,7 +56,7 @@ def complete(model, images: torch.Tensor, keep_rows: int, *, text=None, text_mas
     """Complete uint8 images [B, H, W, 3] from their first `keep_rows` patch rows, `num_samples`
     times each. `text` long [B, T] (+ `text_mask`) or `labels` long [B] condition each image;
     cfg_scale > 0 needs one of them. Deterministic for a fixed `seed` (one seeded generator)."""
-    per_row = model.cfg.data.resolution // model.codec.patch_size           # square patch grid
+    per_row = model.codec.resolution // model.codec.patch_size           # square patch grid
     if not 0 <= keep_rows <= per_row:
         raise ValueError(f"keep_rows={keep_rows}: must be in [0, {per_row}] (patch rows of the "
                          "image)")

@@ -28,7 +28,7 @@ def check_images(images: torch.Tensor, resolution: int) -> None:
 def encode_image(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [B, H, W, 3] -> (tokens [B, N, d], rest [B, N, 3p^2 - d]) via `model.codec.encode`,
     fp32, autocast off (the flow's exact round trip needs full precision)."""
-    check_images(images, model.cfg.data.resolution)
+    check_images(images, model.codec.resolution)
     x = to_model_space(images.to(model.device), dequantize=False) + CENTRE
     with torch.autocast(model.device.type, enabled=False):
         tokens, rest, _ = model.codec.encode(x)

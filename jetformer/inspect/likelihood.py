@@ -88,7 +88,7 @@ def patch_nll(model, images: torch.Tensor, generator: torch.Generator | None = N
     Conditioned on `text`/`labels` when given, else on the [NOLABEL] prefix. The per-patch
     parts are checked against the model's own total (relative tolerance `rtol`): a mismatch
     raises RuntimeError, so a change of the model's scoring cannot go unnoticed here."""
-    check_images(images, model.cfg.data.resolution)
+    check_images(images, model.codec.resolution)
     with eval_mode(model), torch.autocast(model.device.type, enabled=False):
         B, N = images.shape[0], model.num_image_tokens
         x = to_model_space(images.to(model.device), generator)
@@ -97,7 +97,7 @@ def patch_nll(model, images: torch.Tensor, generator: torch.Generator | None = N
         gmm = gmm_nll(*model.gmm_head(out[:, T + 1: T + 1 + N]), tokens)             # [B, N]
         factored = model.codec.prior_nll(rest.reshape(B * N, 1, rest.shape[-1])).view(B, N)
         patch_logdet = _codec_patch_logdet(model.codec, x)
-    D_p, side = model.codec.token_dim, model.cfg.data.resolution // model.codec.patch_size
+    D_p, side = model.codec.token_dim, model.codec.resolution // model.codec.patch_size
     parts = PatchNLL(gmm=gmm.double().cpu() / LN2, factored=factored.double().cpu() / LN2,
                      logdet=(-patch_logdet.double().cpu() / LN2 + D_p * math.log2(PIXEL_SCALE)),
                      total_bits=(total.double().cpu() / LN2

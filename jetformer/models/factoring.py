@@ -132,18 +132,25 @@ def check_pca(pca: dict | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class ImageCodec(nn.Module):
-    """Model-space images `[B, H, W, 3]` <-> soft tokens `[B, N, d]` (+ factored rest)."""
+    """Model-space images `[B, H, W, 3]` <-> soft tokens `[B, N, d]` (+ factored rest).
 
-    def __init__(self, cfg, pca: dict | None = None):
+    `model_cfg`: the model section of the config (`factoring`, `patch_size`, `factored_dims`,
+    `flow`); `resolution`: the image side H = W; `seed`: initialises the flow's permutations
+    and the learnable W."""
+
+    def __init__(self, model_cfg, resolution: int, seed: int, pca: dict | None = None):
         super().__init__()
-        m = cfg.model
+        m = model_cfg
         if m.factoring not in FACTORINGS:
             raise ValueError(f"model.factoring={m.factoring!r}: must be one of {list(FACTORINGS)}")
+        if resolution <= 0 or resolution % m.patch_size:
+            raise ValueError(f"ImageCodec: resolution={resolution} must be a positive multiple "
+                             f"of model.patch_size={m.patch_size}")
         self.factoring = m.factoring
         self.patch_size = m.patch_size
-        self.resolution = cfg.data.resolution
-        self.num_tokens = cfg.num_image_tokens
-        self.token_dim = cfg.token_dim                               # D = 3p^2
+        self.resolution = resolution
+        self.num_tokens = (resolution // m.patch_size) ** 2          # N
+        self.token_dim = 3 * m.patch_size ** 2                       # D = 3p^2
         self.factored_dims = (self.token_dim if m.factoring in ("none", "no_flow")
                               else m.factored_dims)                  # d
         if not 0 < self.factored_dims <= self.token_dim:
@@ -154,7 +161,7 @@ class ImageCodec(nn.Module):
         # per-channel log-scale of the Gaussian prior of `rest` (pre-flow factorings only)
         self.rest_log_scale = None
         if m.factoring == "learnable_w":
-            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            gen = torch.Generator().manual_seed(seed + 1)
             self.linear = PatchLinear(random_orthogonal(self.token_dim, gen), trainable=True)
             self.rest_log_scale = nn.Parameter(torch.zeros(self.rest_dims))
         elif m.factoring == "pca":
@@ -171,7 +178,7 @@ class ImageCodec(nn.Module):
                                  f"'{m.factoring}' runs the flow on d dims, needs d >= 2")
             f = m.flow
             self.flow = Jet(self.num_tokens, flow_dim, f.num_couplings, f.width, f.depth,
-                            f.num_heads, f.mlp_dim, f.dropout, seed=cfg.seed)
+                            f.num_heads, f.mlp_dim, f.dropout, seed=seed)
 
     @property
     def rest_dims(self) -> int:
@@ -201,7 +208,8 @@ class ImageCodec(nn.Module):
     def decode(self, tokens: torch.Tensor, rest: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """tokens [B, N, d] (+ rest [B, N, 3p^2 - d], drawn untempered from the prior when None)
-        -> x [B, H, W, 3] in model space, not clipped (facts items 6, 19).
+        -> x [B, H, W, 3] in model space, not clipped (big_vision
+        `predict_fns.decode_images`: the clip to [-1, 1] comes with `from_model_space`).
 
         Always runs in fp32 with autocast off: a bf16 coupling net amplifies rounding through
         the couplings. Encode in fp32 too (no autocast) for an exact, lossless round trip."""

@@ -25,8 +25,9 @@ def parameter_counts(cfg: Config, vocab_size: int | None = None,
     vocab_size = vocab_size or cfg.tokenizer.vocab_size
     num_classes = num_classes or cfg.model.num_classes or 1
     with torch.device("meta"):
-        model = JetFormer(cfg, vocab_size=vocab_size,
-                          num_classes=num_classes if cfg.model.conditioning == "class" else 0)
+        model = JetFormer.from_config(
+            cfg, vocab_size=vocab_size,
+            num_classes=num_classes if cfg.model.conditioning == "class" else 0)
     counts = {
         "params_flow": _count(model.codec),
         "params_transformer": _count(model.decoder),

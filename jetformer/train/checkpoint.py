@@ -142,8 +142,9 @@ def model_file(path: str | Path) -> Path:
 
 
 def build_model(cfg: Config, vocab_size: int, num_classes: int, pca: dict | None):
+    """The JetFormer of `cfg` (`JetFormer.from_config`) with the data-dependent sizes."""
     from jetformer.models.jetformer import JetFormer
-    return JetFormer(cfg, vocab_size=vocab_size, num_classes=num_classes, pca=pca)
+    return JetFormer.from_config(cfg, vocab_size=vocab_size, num_classes=num_classes, pca=pca)
 
 
 def load_trained(path: str | Path, device: str | torch.device | None = None
