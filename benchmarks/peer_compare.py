@@ -234,7 +234,8 @@ def main(argv=None) -> dict:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peer_compare.json")
+    p.add_argument("--out", type=Path,
+                   default=REPO / "benchmarks" / "results" / "peer_compare.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     # 1 thread: this process's CPU time (other processes on a shared machine do not count)
