@@ -18,7 +18,10 @@ The two contenders' repetitions are interleaved (A, B, A, B, ...), so load from 
 on a shared machine hits both alike; times are medians of wall clock, or of this process's CPU
 time with `--threads 1` (robust to other processes taking the cores). The peer's code is
 imported from `--peer` (never copied); it imports `wandb` for logging only, so an empty module
-stands in for it when wandb is not installed. Writes benchmarks/results/peer_compare.json.
+stands in for it when wandb is not installed. Each row also says what bounds it (`op_profile`,
+`floors`): ATen calls per run, the share of time in matrix products, and the ratio this repo
+would reach if everything but its matrix products were free. Writes
+benchmarks/results/peer_compare.json.
 """
 from __future__ import annotations
 
@@ -221,6 +224,42 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2, clock=time.per
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+            "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::convolution_backward",
+            "aten::_convolution", "aten::mkldnn_convolution"}
+
+
+def op_profile(fn, repeats: int = 2) -> dict:
+    """What bounds `fn` (torch.profiler, CPU): ATen calls per run and the share of self CPU
+    time spent inside matrix products (mm, addmm, bmm, baddbmm, attention, convolution); the
+    rest is per-op overhead and small elementwise ops. `matmul_floor_s` = time × that share:
+    what `fn` would take if everything but its matrix products were free."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMULS)
+    return {"aten_calls": round(sum(e.count for e in events if e.key.startswith("aten::"))
+                                / repeats),
+            "matmul_share": round(matmul / total, 3)}
+
+
+def floors(t: dict, profiles: dict) -> dict:
+    """Per contender: its calls, matmul share and matmul floor; and the ratio this repo would
+    reach at its own matmul floor against the peer as measured (the bound of eager speed-ups
+    that keep the same matrix products)."""
+    row = {}
+    for name, prof in profiles.items():
+        row[f"{name}_aten_calls"] = prof["aten_calls"]
+        row[f"{name}_matmul_share"] = prof["matmul_share"]
+        row[f"{name}_matmul_floor_s"] = round(t[name] * prof["matmul_share"], 4)
+    row["ratio_at_our_matmul_floor"] = round(t["peer"] / row["ours_matmul_floor_s"], 2)
+    return row
+
+
 def write_json(path: Path, obj) -> None:
     atomic_write_json(path, obj)
 
@@ -232,9 +271,11 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--sizes", default="tiny,small")
     p.add_argument("--samples", type=int, default=8)
-    p.add_argument("--skip", default="", help="comma list of parts to skip: train,sample")
+    p.add_argument("--skip", default="",
+                   help="comma list of parts to skip: train,sample,floors")
     p.add_argument("--compile", action="store_true", help="also time our step under torch.compile")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "peer_compare.json")
+    p.add_argument("--out", type=Path,
+                   default=REPO / "benchmarks" / "results" / "peer_compare.json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     # 1 thread: this process's CPU time (other processes on a shared machine do not count)
@@ -255,6 +296,8 @@ def main(argv=None) -> dict:
             row = {"ours_s": round(t["ours"], 4), "peer_s": round(t["peer"], 4),
                    "ratio": round(t["peer"] / t["ours"], 2), "params_ours": n_ours,
                    "params_peer": n_peer}
+            if "floors" not in skip:
+                row.update(floors(t, {k: op_profile(fns[k]) for k in ("ours", "peer")}))
             if args.compile:
                 row.update(ours_compiled_s=round(t["ours_compiled"], 4),
                            ratio_compiled=round(t["peer"] / t["ours_compiled"], 2))
@@ -262,11 +305,13 @@ def main(argv=None) -> dict:
             print(name, "train step", json.dumps(row), flush=True)
         if "sample" not in skip and name == "tiny":
             for scale in (0.0, 5.0):
-                t = interleaved_medians({"ours": our_sample_fn(size, args.samples, scale),
-                                         "peer": peer_sample_fn(peer, size, args.samples, scale)},
-                                        max(3, args.repeats // 2), warmup=1, clock=clock)
+                fns = {"ours": our_sample_fn(size, args.samples, scale),
+                       "peer": peer_sample_fn(peer, size, args.samples, scale)}
+                t = interleaved_medians(fns, max(3, args.repeats // 2), warmup=1, clock=clock)
                 row = {"ours_s": round(t["ours"], 4), "peer_s": round(t["peer"], 4),
                        "ratio": round(t["peer"] / t["ours"], 2)}
+                if "floors" not in skip:
+                    row.update(floors(t, {k: op_profile(fns[k]) for k in fns}))
                 results["sampling"][f"{name}_cfg{scale:g}"] = row
                 print(name, f"sampling {args.samples} images cfg {scale:g}", json.dumps(row),
                       flush=True)

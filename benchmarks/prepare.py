@@ -32,7 +32,8 @@ def one_run(workers: int, raw: str, out: str) -> dict:
     return {"workers": workers, "files": files, "seconds": round(seconds, 2),
             "images_per_s": round(files / seconds, 1),
             "peak_rss_mb_main": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / kb, 1),
-            "peak_rss_mb_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kb, 1)}
+            "peak_rss_mb_worker": round(
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / kb, 1)}
 
 
 def main() -> None:
@@ -52,7 +53,8 @@ def main() -> None:
         n = cfg.data.synthetic.num_train + cfg.data.synthetic.num_val
         runs = []
         for workers in (1, 2):
-            res = subprocess.run([sys.executable, __file__, "--one", str(workers), str(Path(tmp) / "raw"),
+            res = subprocess.run([sys.executable, __file__, "--one", str(workers),
+                                  str(Path(tmp) / "raw"),
                                   str(Path(tmp) / f"prepared{workers}")],
                                  check=True, capture_output=True, text=True, cwd=REPO)
             runs.append(json.loads(res.stdout.strip().splitlines()[-1]))

@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
         "preset": args.preset or ["<params.yaml default>"],
         "overrides": args.set,
         "checkpoint": args.checkpoint or None,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else platform.processor() or "cpu"),
         "threads": args.threads,
         "clock": clock_name,
         "load_avg_1min": round(os.getloadavg()[0], 2),    # other processes on the machine

@@ -36,7 +36,8 @@ from jetformer.train.loop import load_inputs, make_batch, train_loop  # noqa: E4
 from jetformer.train.tracking import project_root  # noqa: E402
 
 
-def matmul_peak_gflops(device: str, dtype: torch.dtype, size: int = 1024, repeats: int = 10) -> float:
+def matmul_peak_gflops(device: str, dtype: torch.dtype, size: int = 1024,
+                       repeats: int = 10) -> float:
     """Best-of-3 dense matmul throughput (the denominator of MFU)."""
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
@@ -155,7 +156,8 @@ def main() -> None:
         print(json.dumps(r), flush=True)
 
     report = {"benchmark": "train_step", "device": device,
-              "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine(),
+              "device_name": (torch.cuda.get_device_name(0) if cuda
+                              else platform.processor() or platform.machine()),
               "cpu_count": os.cpu_count(), "load_average_1m_after": round(os.getloadavg()[0], 2),
               "matmul_peak_gflops_per_worker": round(peak, 1),
               "matmul_dtype": str(dtype).replace("torch.", ""), "steps": args.steps,

@@ -86,7 +86,8 @@ def test_head_layout_scale_map_and_zero_init():
     torch.testing.assert_close(logits[0], bias[:K])
     torch.testing.assert_close(means[0], rest[:, 0])
     r = rest[:, 1]
-    torch.testing.assert_close(scales[0].flatten()[:-1], ((r + torch.sqrt(r * r + 4)) / 2).flatten()[:-1])
+    torch.testing.assert_close(scales[0].flatten()[:-1],
+                               ((r + torch.sqrt(r * r + 4)) / 2).flatten()[:-1])
     assert scales[0, -1, -1].item() == pytest.approx(1e-6)
     assert square_plus(torch.tensor(0.0)).item() == 1.0
 
@@ -222,7 +223,8 @@ def test_cfg_falls_back_to_the_conditional_component_when_nothing_is_accepted():
     cond = random_gmm((4000,), K=2, D=3, seed=9)
     uncond = random_gmm((4000,), K=2, D=3, seed=10)
     x, accepted = gmm_cfg_sample(cond, uncond, 2.0, max_tries=1,
-                                 generator=torch.Generator().manual_seed(3), return_accept_rate=True)
+                                 generator=torch.Generator().manual_seed(3),
+                                 return_accept_rate=True)
     assert 0.0 < accepted < 1.0 and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="guidance"):
         gmm_cfg_sample(cond, uncond, -1.0)

@@ -76,7 +76,8 @@ def test_compiled_loss_matches_eager(make_cfg, randomize):
     model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
     batch = batch_for(model)
     loss, grads = loss_and_grads(model, batch, seed=3)
-    c_loss, c_grads = loss_and_grads(model, batch, seed=3, loss_fn=torch.compile(model.compute_loss))
+    c_loss, c_grads = loss_and_grads(model, batch, seed=3,
+                                     loss_fn=torch.compile(model.compute_loss))
     torch.testing.assert_close(c_loss, loss, rtol=1e-5, atol=1e-5)
     assert c_grads.keys() == grads.keys()
     for k in grads:

@@ -1,10 +1,12 @@
-"""Gemma-style decoder: reference maths, causality, MQA shapes, RoPE, KV-cache decoding == full pass."""
+"""Gemma-style decoder: reference maths, causality, MQA shapes, RoPE, KV-cache decoding == full
+pass, and the fast one-token step (`decode.step`) == the reference blocks."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jetformer.models.transformer import Decoder, apply_rope, rope_sin_cos
+from jetformer.models import decode
+from jetformer.models.transformer import Decoder, rope_tables, rotate
 
 torch.set_num_threads(1)
 WIDTH, DEPTH, HEADS, HEAD_DIM, MLP = 32, 2, 4, 8, 64
@@ -25,17 +27,28 @@ def inputs(B, L, seed=1):
     return torch.randn(B, L, WIDTH, generator=g), torch.arange(L).expand(B, L)
 
 
+def half_split_rope(x, pos, base=10000.0):
+    """Gemma's RoPE written out: pairs (x_i, x_{i+hd/2}) rotated by pos / base^(2i/hd).
+    x [..., L, hd], pos [..., L]."""
+    half = x.shape[-1] // 2
+    inv = base ** (-torch.arange(half) * 2.0 / x.shape[-1])
+    ang = pos[..., None].float() * inv                                  # [..., L, hd/2]
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+
+
+def rope(x, positions, dec):
+    """The production rotation (`rope_tables` + `rotate`) of x [B, n, L, hd] at [B, L]."""
+    return rotate(x, *rope_tables(positions[:, None], dec.inv_freq(x.device)))
+
+
 def reference_forward(dec, h, positions):
     """The Gemma-v1 block written out with plain tensor ops (no SDPA, no masks but causal)."""
     def rms(x, scale):
         return x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-6) * (1 + scale)
 
     def rope(x, pos):                                                   # x [B, L, n, hd]
-        half = x.shape[-1] // 2
-        inv = 10000.0 ** (-torch.arange(half) * 2.0 / x.shape[-1])
-        ang = pos[..., None, None].float() * inv                        # [B, L, 1, hd/2]
-        a, b = x[..., :half], x[..., half:]
-        return torch.cat([a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()], -1)
+        return half_split_rope(x.transpose(1, 2), pos[:, None]).transpose(1, 2)
 
     B, L, _ = h.shape
     x = h
@@ -104,12 +117,12 @@ def test_rope_depends_only_on_relative_positions():
     torch.testing.assert_close(shifted, out, rtol=1e-4, atol=1e-4)
     permuted, _ = dec(h, pos.flip(-1))
     assert (permuted - out).abs().max() > 1e-2
-    # the rotation preserves norms and is the identity at position 0
+    # the rotation is Gemma's half-split one, preserves norms and is the identity at position 0
     x = torch.randn(2, 3, 5, HEAD_DIM)
     p = torch.randint(0, 100, (2, 5))
-    torch.testing.assert_close(apply_rope(x, *rope_sin_cos(p, HEAD_DIM, 1e4)).norm(dim=-1),
-                               x.norm(dim=-1))
-    torch.testing.assert_close(apply_rope(x, *rope_sin_cos(torch.zeros(2, 5), HEAD_DIM, 1e4)), x)
+    torch.testing.assert_close(rope(x, p, dec), half_split_rope(x, p[:, None]))
+    torch.testing.assert_close(rope(x, p, dec).norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(rope(x, torch.zeros(2, 5, dtype=torch.long), dec), x)
 
 
 @pytest.mark.parametrize("chunks", [(5, 1, 1, 1, 1, 1, 1), (1,) * 11, (3, 4, 1, 1, 2)])
@@ -216,7 +229,48 @@ def test_single_token_steps_with_padding_tokens_match_the_full_pass():
     outs += [dec(h[:, t:t + 1], pos[:, t:t + 1], cache, attn_mask=valid[:, t:t + 1])[0]
              for t in range(2, L)]
     assert (torch.cat(outs, 1) - full).abs().max() < 1e-5
-    for b in range(2):                                       # real tokens: as if the pad were absent
+    for b in range(2):                               # real tokens: as if the pad were absent
         real = valid[b]
         alone, _ = dec(h[b:b + 1, real], torch.arange(int(real.sum()))[None])
         assert (full[b, real] - alone[0]).abs().max() < 1e-5
+
+
+def stepped(dec, h, pos, valid, prefix, fast):
+    """Prefill `prefix` tokens, then one-token steps with their key masks, fast or reference."""
+    dec.fast_step = fast
+    try:
+        cache = dec.init_cache(h.shape[0], h.shape[1])
+        outs = [dec(h[:, :prefix], pos[:, :prefix], cache, attn_mask=valid[:, :prefix])[0]]
+        outs += [dec(h[:, t:t + 1], pos[:, t:t + 1], cache, attn_mask=valid[:, t:t + 1])[0]
+                 for t in range(prefix, h.shape[1])]
+    finally:
+        del dec.fast_step
+    return torch.cat(outs, 1), cache
+
+
+@pytest.mark.parametrize("depth,batch", [(1, 1), (3, 5)])
+def test_fast_decode_step_equals_the_reference_blocks(depth, batch):
+    """`decode.step` (folded norms, fused projections, additive key bias) against the reference
+    blocks run one token at a time on the same cache, with padding in prefix and steps and
+    non-trivial norm scales: same outputs, same cached keys and values, same valid slots."""
+    dec = make_decoder(seed=7, depth=depth)
+    L, prefix = 9, 3
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(batch, L, WIDTH, generator=g)
+    valid = torch.rand(batch, L, generator=g) > 0.25
+    valid[:, prefix - 1] = True
+    pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    fast, fast_cache = stepped(dec, h, pos, valid, prefix, fast=True)
+    ref, ref_cache = stepped(dec, h, pos, valid, prefix, fast=False)
+    assert fast_cache.step_weights is not None and ref_cache.step_weights is None  # paths differ
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast_cache.kv, ref_cache.kv, rtol=1e-5, atol=1e-5)
+    assert torch.equal(fast_cache.valid, ref_cache.valid) and torch.equal(fast_cache.valid, valid)
+    assert fast_cache.length == ref_cache.length == L
+    # the fast path's folded-norm identity on its own: RMSNorm(x) @ Wᵀ
+    blk = dec.blocks[0]
+    x = 3 * torch.randn(4, WIDTH, generator=g)
+    eps, w_qkv = decode.step_weights(dec)[0][0][:2]
+    folded = (x @ w_qkv.T) / decode.rms_denominator(x, eps)
+    w = torch.cat([blk.attn.q_proj.weight, blk.attn.k_proj.weight, blk.attn.v_proj.weight])
+    torch.testing.assert_close(folded, blk.pre_attention_norm(x) @ w.T, rtol=1e-5, atol=1e-5)

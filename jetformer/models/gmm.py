@@ -9,7 +9,8 @@ Sampling draws a component k ~ π, then x ~ N(μ_k, (t·σ_k)²) (temperature t 
 Classifier-free guidance follows GIVT: k is drawn from the *conditional* weights, and each dim is
 drawn from the guided density ∝ N(x; μc_k, σc_k)^(1+w) / N(x; μu_k, σu_k)^w by rejection sampling
 (the unconditional mixture contributes its SAME component k). GMM parameters are never mixed.
-All maths runs in fp32 (also under bf16 autocast). A `generator` must live on the parameters' device.
+All maths runs in fp32 (also under bf16 autocast). A `generator` must live on the parameters'
+device.
 """
 from __future__ import annotations
 
@@ -55,9 +56,9 @@ class GMMHead(nn.Module):
     def sample(self, h: torch.Tensor, temperature: float = 1.0,
                generator: torch.Generator | None = None) -> torch.Tensor:
         """`gmm_sample(*self(h), temperature, generator)` for h [B, W] -> [B, D], the same draws
-        (same random numbers; values equal up to rounding) with fewer, smaller ops (decoding is bound by
-        per-op overhead): one gather picks the component's (loc, raw scale) pair and only its
-        D stds go through square_plus."""
+        (same random numbers; values equal up to rounding) with fewer, smaller ops (decoding is
+        bound by per-op overhead): one gather picks the component's (loc, raw scale) pair and
+        only its D stds go through square_plus."""
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         K, D = self.num_mixtures, self.dim
@@ -83,7 +84,8 @@ def normal_log_prob(x: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor) ->
 
 def gmm_nll(logits: torch.Tensor, means: torch.Tensor, scales: torch.Tensor,
             x: torch.Tensor) -> torch.Tensor:
-    """-log p(x) in nats (summed over D): logits [..., K], means/scales [..., K, D], x [..., D] -> [...]."""
+    """-log p(x) in nats (summed over D): logits [..., K], means/scales [..., K, D],
+    x [..., D] -> [...]."""
     _check_shapes(logits, means, scales)
     with torch.autocast(x.device.type, enabled=False):
         logits, means, scales, x = logits.float(), means.float(), scales.float(), x.float()

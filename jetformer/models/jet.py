@@ -7,7 +7,7 @@ Works on the token grid `[B, N, D]` produced by `patchify` (D = p*p*C). Each cou
   un-permute [x1, y2]
 Zero-initialised output => b = 0, 2*sigmoid(0) = 1: the flow starts as the identity.
 The inverse is closed form: x2 = y2 / (2*sigmoid(s)) - b (x1 passes through unchanged).
-Official code: big_vision/models/proj/jet/jet.py (facts items 2-4). The scale lies in (0, 2),
+Official code: big_vision/models/proj/jet/jet.py (`Coupling`, `Model`). The scale lies in (0, 2),
 so K couplings can expand a dimension by at most 2^(K/2): watch logdet per dim in training.
 """
 from __future__ import annotations

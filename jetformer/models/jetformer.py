@@ -528,7 +528,8 @@ class JetFormer(nn.Module):
             B = h.shape[0]
             if prefix is not None:
                 prefix = prefix.to(self.device).long()
-                pmask = (prefix != PAD_ID) if prefix_mask is None else prefix_mask.to(self.device).bool()
+                pmask = ((prefix != PAD_ID) if prefix_mask is None
+                         else prefix_mask.to(self.device).bool())
                 h = torch.cat([h, self.text_embed(prefix)], dim=1)
                 valid = torch.cat([valid, pmask], dim=1)
             stepper = _Stepper(self, h, valid, max_len - 1, use_cache)
@@ -550,7 +551,7 @@ class JetFormer(nn.Module):
     def sample_images(self, text=None, text_mask=None, labels=None, cfg_scale: float = 0.0,
                       temperature: float = 1.0, generator: torch.Generator | None = None,
                       use_cache: bool = True) -> torch.Tensor:
-        """Text- or class-conditional samples, uint8 [B, H, W, 3] (facts items 17-19, 22).
+        """Text- or class-conditional samples, uint8 [B, H, W, 3] (JetFormer §3, GIVT §3.3).
 
         cfg_scale > 0 runs a CFG batch (conditional rows, then [NOLABEL] rows), draws each token
         with GIVT's guided rejection sampler and feeds the same token to both streams;

@@ -2,7 +2,7 @@
 world_size 1). Nothing here imports Ray: distribution is plain `torch.distributed` (the caller
 initialises the process group when world_size > 1), reporting goes through callbacks.
 
-Per update (DESIGN §3): a batch of this worker's part of the training data -> RGB noise at
+Per update (JetFormer §3.2-3.3): a batch of this worker's part of the training data -> RGB noise at
 `sigma_at(progress)` -> `JetFormer.compute_loss` (bf16 autocast on CUDA only) -> backward (DDP
 averages gradients) -> clip at `train.grad_clip` -> AdamW -> warm-up + cosine lr -> EMA.
 With `train.flow_pretrain_steps` = P > 0 (the two-stage ablation, paper Table 2) the first P
