@@ -18,14 +18,12 @@ select the runs, "Compare").
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetformer.runs import csv_text, markdown_table
+from jetformer.safe_io import atomic_save_figure, atomic_write_text
 from jetformer.train.tracking import (
     ROLE_SWEEP,
     TAG_ABLATION_TABLE,
@@ -44,7 +42,6 @@ BPD_KEYS = ("val_bits_per_dim", "val_bpd", "bits_per_dim", "image_bpd", "train_b
 CURVE_PRIORITY = ("loss", "image_bpd", "bits_per_dim", "train_bits_per_dim", "val_bits_per_dim",
                   "domain_fid", "sigma", "text_nll", "grad_norm", "lr")
 MAX_CURVES = 6
-SWEEP_ROLE_TAG = TAG_ROLE           # ROLE_SWEEP on a sweep's parent run (left out of tables)
 
 
 @dataclass
@@ -172,23 +169,12 @@ def comparison_rows(runs: list[RunRecord]) -> tuple[list[str], list[list]]:
 
 
 def to_csv(header: list[str], rows: list[list]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow([repr(v) if isinstance(v, float) else v for v in row])  # exact floats
-    return buf.getvalue()
+    return csv_text(header, rows)
 
 
 def to_markdown(header: list[str], rows: list[list], title: str = "") -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if math.isfinite(v) else str(v)
-        return str(v).replace("|", "\\|")
     lines = [f"# {title}", ""] if title else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -224,7 +210,7 @@ def plot_vs_sigma0(runs: list[RunRecord], path: Path) -> bool:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -256,28 +242,12 @@ def plot_curves(runs: list[RunRecord], path: Path) -> bool:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    _save_fig(fig, path)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
 
 # ----------------------------------------------------------------------------- output
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _save_fig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
 def compare(experiment: str, tracking_uri: str = "", parent_run: str = "",
             out_dir: str | Path = "experiments/results",
             selection: Selection | None = None) -> dict[str, Path]:

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
 
 from jetformer.config import ConfigError, load_config
+from jetformer.safe_io import atomic_write_json
 
 
 class StageError(Exception):
@@ -87,12 +85,7 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict:
 def write_metrics(path: str | Path, metrics: dict) -> dict:
     """Write `flat_metrics(metrics)` as JSON atomically; returns what was written."""
     flat = flat_metrics(metrics)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(flat, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, flat, indent=1, ensure_ascii=False, sort_keys=True)
     return flat
 
 

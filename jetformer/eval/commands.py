@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from jetformer.config import REPO_ROOT
 
 
 def load_images(paths: list[str], resolution: int, min_side: int = 1) -> torch.Tensor:
@@ -33,24 +32,9 @@ def load_images(paths: list[str], resolution: int, min_side: int = 1) -> torch.T
     return torch.stack(out)
 
 
-def tokenizer_path(cfg, checkpoint: str | Path) -> Path:
-    """The sentencepiece model the checkpoint was trained with: `tokenizer.model_path` or
-    `tokenizer.out_path`, relative to the working directory, the checkpoint's project, or
-    this repository."""
-    from jetformer.train.tracking import project_root
-
-    rel = Path(cfg.tokenizer.model_path or cfg.tokenizer.out_path)
-    ck = Path(checkpoint).resolve()
-    for base in (Path.cwd(), project_root(ck if ck.is_dir() else ck.parent), REPO_ROOT):
-        cand = rel if rel.is_absolute() else base / rel
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"tokenizer {rel} of checkpoint {checkpoint} not found (run `dvc repro tokenizer`)")
-
-
 def load_for_cli(checkpoint: str, need_text: bool = True):
     """(model, cfg, tokenizer or None) for a command."""
-    from jetformer.data.tokenizer import TextTokenizer
+    from jetformer.data.tokenizer import TextTokenizer, tokenizer_path
     from jetformer.train.checkpoint import load_trained
 
     if not Path(checkpoint).exists():

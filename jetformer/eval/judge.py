@@ -10,13 +10,13 @@ attributes). Two uses:
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from jetformer.safe_io import atomic_torch_save
 
 JUDGE_EXTRACTOR = "jetformer-judge"   # torch-fidelity feature extractor name
 FEATURES = "judge_features"           # its only feature layer
@@ -143,12 +143,13 @@ def judge_accuracy(judge: Judge, images: torch.Tensor, targets: list[dict[str, s
 
 def save_judge(judge: Judge, path: str | Path) -> None:
     """Atomic write of weights + config."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save({"config": judge.config(), "state_dict": judge.state_dict()}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"config": judge.config(), "state_dict": judge.state_dict()}, path)
+
+
+def judge_path(cfg) -> str:
+    """Where the `judge` stage writes the domain feature extractor."""
+    path = getattr(cfg.eval, "judge_path", "") or "models/judge.pt"   # pipelines/judge.py --out
+    return str(Path(path).resolve())
 
 
 class JudgeUnavailable(ValueError):
@@ -169,12 +170,7 @@ def judge_targets_reason(targets: list[dict[str, str]]) -> str:
 
 def save_unavailable(reason: str, path: str | Path) -> None:
     """Write a judge file that records only why there is no judge (atomic)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    torch.save({"unavailable": str(reason)}, tmp)
-    os.replace(tmp, path)
+    atomic_torch_save({"unavailable": str(reason)}, path)
 
 
 def judge_unavailable(path: str | Path) -> str:

@@ -3,15 +3,13 @@ with classifier-free guidance (KV cache inside `JetFormer.sample_images`), and s
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from jetformer.progress import progress
+from jetformer.safe_io import atomic_save_png
 
 
 def class_prompt(name: str, template: str) -> str:
@@ -73,9 +71,4 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Atomic PNG write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save_png(array, path)
