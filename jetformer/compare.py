@@ -10,7 +10,8 @@ A sweep's parent run is never a row. Writes, under `--out-dir`:
   compare_<name>.csv   every run: name, id, status, the params that differ between runs (and the
                        noise schedule), and the last value of every metric, exactly as logged
   compare_<name>.md    the same table, rounded for reading
-  compare_<name>_vs_sigma0.png   FID and bits/dim against the initial RGB noise sigma0 (paper Fig. 3/§4.2)
+  compare_<name>_vs_sigma0.png   FID and bits/dim against the initial RGB noise sigma0
+                                 (paper Fig. 3/§4.2)
   compare_<name>_curves.png      training curves of all runs overlaid
 The same runs can be compared in the MLflow UI (`mlflow ui --backend-store-uri <tracking uri>`,
 select the runs, "Compare").
@@ -155,7 +156,8 @@ def table_columns(runs: list[RunRecord]) -> tuple[list[str], list[str]]:
     schedule; every metric that any run logged."""
     all_params = sorted({k for r in runs for k in r.params})
     varying = [k for k in all_params if len({r.params.get(k) for r in runs}) > 1]
-    params = [k for k in KEY_PARAMS if k in all_params] + [k for k in varying if k not in KEY_PARAMS]
+    params = [k for k in KEY_PARAMS if k in all_params] + [k for k in varying
+                                                           if k not in KEY_PARAMS]
     metrics = sorted({k for r in runs for k in r.metrics})
     return params, metrics
 

@@ -1,6 +1,7 @@
 """The one runner behind every `pipelines/*.py` DVC stage script.
 
-    sys.exit(run_stage("judge", run_judge, __doc__, out="models/judge.pt", metrics="metrics/judge.json"))
+    sys.exit(run_stage("judge", run_judge, __doc__, out="models/judge.pt",
+                       metrics="metrics/judge.json"))
 
 parses `--params` (plus `--preset`/`--set` with `overlays=True`, a positional argument per
 `positional` entry, and one `--path-arg` per keyword default), loads the config FIRST so bad

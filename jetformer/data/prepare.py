@@ -1,4 +1,4 @@
-"""`prepare` stage: any source -> `prepared_dir/{train,val}/shard-XXXXX.arrow` (DESIGN §4).
+"""`prepare` stage: any source -> `prepared_dir/{train,val}/shard-XXXXX.arrow`.
 
 Every image is decoded, converted to RGB, its shorter side resized to `data.resolution`
 (area averaging) and centre-cropped; broken files are skipped and reported with their reason.

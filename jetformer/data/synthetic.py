@@ -1,4 +1,4 @@
-"""The embedded "shapes" world (DESIGN §4): a seeded procedural data set written in the
+"""The embedded "shapes" world: a seeded procedural data set written in the
 on-disk formats of the real sources, so that `prepare` reads it with the real readers.
 
 Layout under `out_dir` (one tree per split, `train` and `val`):

@@ -35,7 +35,8 @@ def _clean(obj):
 
 
 def write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+    atomic_write_text(path,
+                      json.dumps(_clean(obj), indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> dict:
@@ -71,7 +72,8 @@ def merge_results(parts: dict[str, dict]) -> dict:
             if isinstance(v, (dict, list)):
                 continue                         # details stay in the per-stage files
             if k in out and out[k] != v:
-                raise ValueError(f"metric {k!r} differs between stages: {out[k]!r} vs {v!r} ({stage})")
+                raise ValueError(f"metric {k!r} differs between stages: {out[k]!r} vs {v!r} "
+                                 f"({stage})")
             out[k] = v
     for k in REQUIRED_KEYS:
         out.setdefault(k, None)

@@ -115,7 +115,8 @@ def heldout_nll(model, mcfg: Config, val: ArrowImageDataset, n: int, tokenizer, 
 
 
 # ----------------------------------------------------------------------------- judge
-def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | Path = "metrics/judge.json") -> dict:
+def run_judge(cfg: Config, out: str | Path = "models/judge.pt",
+              metrics: str | Path = "metrics/judge.json") -> dict:
     """Train the domain judge on the FID reference source's real training images (scene
     attributes, or the class label where a source has none), measure it on its val images,
     save it. A source with neither (COCO) gets no judge: the file records why."""
@@ -124,7 +125,8 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
 
     (train, val), _ = _role_splits(cfg, "fid", "train", "val")
     t0 = time.time()
-    targets = {name: [scene_targets(ds[i]) for i in range(len(ds))] for name, ds in (("train", train), ("val", val))}
+    targets = {name: [scene_targets(ds[i]) for i in range(len(ds))]
+               for name, ds in (("train", train), ("val", val))}
     reason = judge_targets_reason(targets["train"])
     if reason:
         save_unavailable(reason, out)
@@ -153,7 +155,8 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
 
 
 # ----------------------------------------------------------------------------- sample
-def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: str | Path = "plots") -> dict:
+def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples",
+               plots: str | Path = "plots") -> dict:
     """Class-conditional and text-to-image samples with CFG for the first `eval.num_samples`
     val items of the FID reference set, saved with what each was asked for (`t2i.pt`,
     `class.pt`), plus sample grids.
@@ -212,7 +215,8 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
     if not report:
         raise ValueError("sample: the FID reference set (data.roles.fid) has neither captions "
                          "for a text model nor classes: nothing to prompt with")
-    print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature {e.temperature})")
+    print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature "
+          f"{e.temperature})")
     return report
 
 
@@ -222,7 +226,8 @@ FIDELITY_KEYS = ("fid", "precision", "recall", "kid", "kid_std")
 
 def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/samples",
                             judge: str | Path = "models/judge.pt",
-                            metrics: str | Path = "metrics/generation.json", plots: str | Path = "plots") -> dict:
+                            metrics: str | Path = "metrics/generation.json",
+                            plots: str | Path = "plots") -> dict:
     """FID, precision, recall and KID of the samples against the FID reference set's val
     images (domain judge or Inception, `fidelity.choose_extractor`), and attribute accuracy of
     the samples (does the judge see the shape / colour / class the prompt asked for?), beside
@@ -294,7 +299,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
                          **{f"judged_{h}": pred[h][i] for h in judge.vocab}, "correct": per[i]})
         print(f"{kind}: attribute accuracy {acc:.3f} "
               f"(baseline {result[f'baseline_{kind}_attribute_accuracy']:.3f})")
-    # the headline FID/PR/KID: text-to-image samples for text models (COCO-style), else class samples
+    # the headline FID/PR/KID: text-to-image samples for text models (COCO-style), else class
+    # samples
     main_kind = "t2i" if "t2i" in kinds else "class"
     for k in FIDELITY_KEYS:
         result[k] = result[f"{main_kind}_{k}"]
@@ -307,7 +313,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
 
 
 # ----------------------------------------------------------------------------- fine-tunes
-def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plots: str | Path = "plots") -> dict:
+def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None,
+                 plots: str | Path = "plots") -> dict:
     """A short fine-tune of the trained multimodal model for captioning (image prefix ->
     caption) or VQA (image + question prefix -> answer) on the training split of the task's
     role (`data.roles.caption` / `data.roles.vqa`), saved to `out_dir` (default
@@ -338,10 +345,12 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
                          log=lambda s: print(s, flush=True))
         info.update(steps=len(curve), seconds=time.time() - t0,
                     first_loss=curve[0]["loss"] if curve else None,
-                    final_loss=sum(c["loss"] for c in curve[-10:]) / max(1, len(curve[-10:])) if curve else None)
+                    final_loss=(sum(c["loss"] for c in curve[-10:]) / len(curve[-10:])
+                                if curve else None))
     else:
         print(f"finetune {task}: skipped ({info['skipped']}); saving the trained model unchanged")
-    save_finetuned(model, source, out_dir / MODEL_FILE, step=int(source.get("step", 0)) + len(curve))
+    save_finetuned(model, source, out_dir / MODEL_FILE,
+                   step=int(source.get("step", 0)) + len(curve))
     write_json(out_dir / "finetune.json", info)
     write_csv(Path(plots) / f"finetune_{task}.csv", curve, fields=["step", "loss", "lr"])
     return info
@@ -381,7 +390,8 @@ def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metr
 
 # ----------------------------------------------------------------------------- caption
 def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_caption",
-                         metrics: str | Path = "metrics/caption.json", plots: str | Path = "plots") -> dict:
+                         metrics: str | Path = "metrics/caption.json",
+                         plots: str | Path = "plots") -> dict:
     """Greedy captions of the val images by the captioning fine-tune, CIDEr against the val
     captions, beside a constant "most common training caption" baseline."""
     from jetformer.eval.baselines import constant_caption_cider
@@ -404,7 +414,8 @@ def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_capti
               "caption_finetune_steps": info.get("steps"), "caption_seconds": time.time() - t0}
     write_metrics(metrics, result)
     write_csv(Path(plots) / "caption_predictions.csv",
-              [{"index": i, "id": it["id"], "prediction": p, "cider": per[it["id"]], "reference": it["captions"][0]}
+              [{"index": i, "id": it["id"], "prediction": p, "cider": per[it["id"]],
+                "reference": it["captions"][0]}
                for i, (it, p) in enumerate(zip(items, preds))])
     print(f"CIDEr {score:.3f} (constant caption {base_caption!r}: {base:.3f})")
     for it, p in list(zip(items, preds))[:5]:
@@ -427,7 +438,7 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
         return _skipped_outputs(info, "vqa", "vqa_accuracy", "accuracy", metrics, plots)
     net, mcfg, tokenizer = _load_finetuned(model, cfg)
     t0 = time.time()
-    index, ids, questions = [], [], []      # (val item, question) pairs, every question of every image
+    index, ids, questions = [], [], []   # (val item, question): every question of every image
     for i in range(len(val)):
         item = val[i]
         for q in item["qa"]:
@@ -436,18 +447,20 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
             questions.append(q)
     images = val.images()[torch.tensor(index, dtype=torch.long)]
     preds = generate_answers(net, tokenizer, images, [q["question"] for q in questions],
-                             max_text_len=mcfg.tokenizer.max_text_len, max_len=cfg.eval.max_decode_len,
-                             batch_size=cfg.eval.batch_size)
+                             max_text_len=mcfg.tokenizer.max_text_len,
+                             max_len=cfg.eval.max_decode_len, batch_size=cfg.eval.batch_size)
     s = vqa_score(preds, questions)
     train_questions = [q for qas in train.column("qa") for q in (qas or [])]
     base = per_type_vqa_accuracy(train_questions, questions)
     result = {"vqa_accuracy": s["accuracy"], "baseline_vqa_accuracy": base,
-              "vqa_per_answer_type": s["per_answer_type"], "vqa_per_question_type": s["per_question_type"],
+              "vqa_per_answer_type": s["per_answer_type"],
+              "vqa_per_question_type": s["per_question_type"],
               "vqa_num_questions": len(questions), "vqa_finetune_steps": info.get("steps"),
               "vqa_seconds": time.time() - t0}
     write_metrics(metrics, result)
     write_csv(Path(plots) / "vqa_predictions.csv",
-              [{"index": k, "id": i, "question_type": q.get("question_type", ""), "question": q["question"],
+              [{"index": k, "id": i, "question_type": q.get("question_type", ""),
+                "question": q["question"],
                 "prediction": p, "answers": "|".join(q["answers"]), "accuracy": a}
                for k, (i, q, p, a) in enumerate(zip(ids, questions, preds, s["per_question"]))])
     print(f"VQA accuracy {s['accuracy']:.4f} (most common answer per question type: {base:.4f}); "
@@ -515,13 +528,15 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
         result["zeroshot_prompts"] = names if len(classes) <= 50 else [p[:50] for p in names]
         rows = [{"index": i, "label": classes[y], "predicted": classes[p],
                  **({f"logp_{c}": s for c, s in zip(classes, sc)} if len(classes) <= 50 else {})}
-                for i, (y, p, sc) in enumerate(zip(labels.tolist(), pred.tolist(), scores.tolist()))]
+                for i, (y, p, sc) in enumerate(zip(labels.tolist(), pred.tolist(),
+                                                   scores.tolist()))]
         print(f"zero-shot accuracy {result['zeroshot_accuracy']:.4f} (majority class "
               f"{result['baseline_zeroshot_accuracy']:.4f}), {len(classes)} classes, "
               f"prompts {[p[:3] for p in names]}")
     result["understanding_seconds"] = time.time() - t0
     write_metrics(metrics, result)
-    write_csv(Path(plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
+    write_csv(Path(plots) / "zeroshot_predictions.csv", rows,
+              fields=["index", "label", "predicted"])
     write_csv(Path(plots) / "nll_per_image.csv",
               [{"index": i, "bits_per_dim": b, "uncond_bits_per_dim": u, "png_bits_per_dim": p}
                for i, (b, u, p) in enumerate(zip(bpd.tolist(), uncond.tolist(), png.tolist()))])
@@ -546,7 +561,8 @@ def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str
                                        training_run_id)
 
     merged = merge_results({p: read_json(Path(metrics_dir) / f"{p}.json") for p in REPORT_PARTS})
-    numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k: v for k, v in merged.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     artifacts = [(str(Path(plots) / a), "samples" if a == "samples" else "predictions")
                  for a in REPORT_ARTIFACTS] + \
                 [(str(Path(metrics_dir) / f"{p}.json"), "metrics") for p in REPORT_PARTS]
@@ -557,7 +573,8 @@ def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str
         run_id = None
     summary = write_metrics(out, report_metrics(merged, run_id))
     for k in sorted(numeric):
-        print(f"  {k:40s} {numeric[k]:.4f}" if isinstance(numeric[k], float) else f"  {k:40s} {numeric[k]}")
+        print(f"  {k:40s} {numeric[k]:.4f}"
+              if isinstance(numeric[k], float) else f"  {k:40s} {numeric[k]}")
     print("beats baselines: " + ", ".join(f"{k.removeprefix('beats_')} {'yes' if v else 'NO'}"
                                           for k, v in summary.items() if k.startswith("beats_")))
     if run_id:

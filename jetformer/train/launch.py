@@ -1,5 +1,5 @@
 """Ray Train launcher: `run_training(cfg)` trains on `train.num_workers` workers and writes the
-stage outputs (DESIGN §1, §6). All Ray-specific code of the repo's training lives here.
+stage outputs. All Ray-specific code of the repo's training lives here.
 
   * Ray: `train.ray_address` or `$RAY_ADDRESS` connects to a cluster, else a quiet local Ray.
     `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)`; gloo on CPU, nccl on GPUs.

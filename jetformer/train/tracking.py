@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN §6): one named run per training, one nested run per evaluation,
+"""MLflow tracking: one named run per training, one nested run per evaluation,
 params flat, per-step metrics, standard source tags and the DVC experiment, artifacts.
 
 Where things live:

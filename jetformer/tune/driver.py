@@ -17,7 +17,8 @@ from jetformer.eval.judge import judge_path
 from jetformer.runs import csv_text, dict_rows, init_ray, markdown_table
 from jetformer.safe_io import atomic_write_text
 from jetformer.train.tracking import ROLE_SWEEP, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
-from jetformer.tune.spec import (REPORTED_METRICS, SEED_KEYS, SweepSpec, absolute_paths, base_config_dict,
+from jetformer.tune.spec import (REPORTED_METRICS, SEED_KEYS, SweepSpec, absolute_paths,
+                                 base_config_dict,
                                  check_curriculum_grace, check_space, load_sweep, nest,
                                  sweep_id, tune_param_space)
 from jetformer.tune.trial import run_trial
@@ -44,7 +45,8 @@ def _parent_run(cfg, spec: SweepSpec, sid: str, state_file: Path, base: dict, fr
     params = [Param(k, str(v)) for k, v in sorted(flatten(base).items())]
     params += [Param(f"sweep.space.{k}", json.dumps(v)) for k, v in spec.space.items()]
     params += [Param("sweep.metric", spec.metric), Param("sweep.mode", spec.mode),
-               Param("sweep.search", spec.search), Param("sweep.num_samples", str(spec.num_samples)),
+               Param("sweep.search", spec.search),
+               Param("sweep.num_samples", str(spec.num_samples)),
                Param("sweep.scheduler", json.dumps(spec.scheduler))]
     for i in range(0, len(params), 100):
         cl.log_batch(run.info.run_id, params=params[i:i + 100])
@@ -61,8 +63,9 @@ def close_child_runs(cfg, parent_run_id: str, experiment_id: str, trials: dict[s
     from jetformer.train import tracking
     cl = tracking.client(cfg)
     closed = 0
-    for run in cl.search_runs([experiment_id], filter_string=
-                              f"tags.mlflow.parentRunId = '{parent_run_id}' and attributes.status = 'RUNNING'"):
+    running = (f"tags.mlflow.parentRunId = '{parent_run_id}' "
+               "and attributes.status = 'RUNNING'")
+    for run in cl.search_runs([experiment_id], filter_string=running):
         trial = trials.get(run.data.tags.get(TAG_TRIAL, ""), {})
         ok = trial.get("status") in ("completed", "stopped")
         if trial.get("status") == "stopped":
@@ -88,7 +91,8 @@ def _trial_table(results, spec: SweepSpec, steps: int) -> list[dict]:
         rows.append({"trial_id": m.get("trial_id") or Path(r.path).name, "status": status,
                      "step": step, **{k: params.get(k) for k in spec.space},
                      **{k: m.get(k) for k in REPORTED_METRICS if k in m},
-                     f"best_{spec.metric}": best, "error": str(r.error).splitlines()[0] if r.error else ""})
+                     f"best_{spec.metric}": best,
+                     "error": str(r.error).splitlines()[0] if r.error else ""})
     return rows
 
 
@@ -131,7 +135,8 @@ def _summary_md(rows: list[dict], best: dict | None, spec: SweepSpec, sid: str, 
     t = base["train"]
     lines = [f"# Sweep `{sid}`", "",
              f"Space `{spec.path}`; metric `{spec.metric}` ({spec.mode}); search {spec.search}; "
-             f"scheduler {spec.scheduler}; {t['steps']} steps at batch {t['batch_size']} per trial; "
+             f"scheduler {spec.scheduler}; {t['steps']} steps at batch {t['batch_size']} per "
+             "trial; "
              f"validation every {t['checkpoint_every']} steps on {spec.validation['fid_samples']} "
              f"samples; wall time {wall_s / 60:.1f} min; MLflow parent run `{parent_run_id}`.", "",
              *markdown_table(keys, [[r.get(k) for k in keys] for r in rows])]
@@ -192,16 +197,19 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
             steps = cfg.train.steps
             if spec.scheduler["type"] == "asha":
                 grace = spec.scheduler["grace_period"] or cfg.train.checkpoint_every
-                scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(grace, steps),
+                scheduler = ASHAScheduler(time_attr="step", max_t=steps,
+                                          grace_period=min(grace, steps),
                                           reduction_factor=spec.scheduler["reduction_factor"])
             else:
                 scheduler = FIFOScheduler()
-            print(f"sweep {sid}: {n_trials} trial(s), {steps} steps each, metric {spec.metric} ({spec.mode}); Tune dir {exp_dir}")
+            print(f"sweep {sid}: {n_trials} trial(s), {steps} steps each, metric {spec.metric} "
+                  f"({spec.mode}); Tune dir {exp_dir}")
             tuner = tune.Tuner(
                 trainable, param_space=tune_param_space(spec),
                 tune_config=tune.TuneConfig(
                     metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                    num_samples=spec.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+                    num_samples=spec.num_samples,
+                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
                     trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
                 run_config=tune.RunConfig(
                     name=sid, storage_path=str(storage), verbose=1,
@@ -223,7 +231,8 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
     best = pick_best(rows, spec)
     out = Path(out_dir) / spec.name
     atomic_write_text(out / "trials.csv", csv_text(*dict_rows(rows)))
-    atomic_write_text(out / "summary.md", _summary_md(rows, best, spec, sid, base, wall, state["parent_run_id"]))
+    atomic_write_text(out / "summary.md",
+                      _summary_md(rows, best, spec, sid, base, wall, state["parent_run_id"]))
     if best is not None:
         atomic_write_text(out / "best.yaml", best_overlay_text(best, spec, sid))
     cl = tracking.client(cfg)
@@ -237,7 +246,8 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
             if k not in SEED_KEYS:
                 cl.set_tag(pid, f"best.{k}", str(best[k]))
     cl.set_terminated(pid, "FINISHED" if all(r["status"] != "error" for r in rows) else "FAILED")
-    return {"sweep_id": sid, "experiment": cfg.mlflow.experiment, "best": best, "trials": rows, "parent_run_id": pid,
+    return {"sweep_id": sid, "experiment": cfg.mlflow.experiment, "best": best, "trials": rows,
+            "parent_run_id": pid,
             "experiment_id": state["experiment_id"], "closed_runs": closed, "out_dir": out,
             "wall_s": wall}
 
@@ -257,7 +267,8 @@ def _check_inputs(cfg, spec: SweepSpec) -> None:
     if not (prepared / "metadata.json").is_file():
         raise FileNotFoundError(f"prepared data not found in {prepared} (run `dvc repro prepare`)")
     if cfg.model.conditioning == "text" and not Path(cfg.tokenizer.out_path).is_file():
-        raise FileNotFoundError(f"tokenizer not found: {cfg.tokenizer.out_path} (run `dvc repro tokenizer`)")
+        raise FileNotFoundError(f"tokenizer not found: {cfg.tokenizer.out_path} (run `dvc repro "
+                                f"tokenizer`)")
     if cfg.model.factoring == "pca" and not Path(cfg.pca.out_path).is_file():
         raise FileNotFoundError(f"PCA not found: {cfg.pca.out_path} (run `dvc repro fit_pca`)")
     if spec.validation["fid_samples"]:
@@ -270,7 +281,8 @@ def _check_inputs(cfg, spec: SweepSpec) -> None:
 
 
 def cli_sweep(args) -> int:
-    res = run_sweep(args.space, params=args.params, presets=args.preset, sets=args.set, fresh=args.fresh)
+    res = run_sweep(args.space, params=args.params, presets=args.preset, sets=args.set,
+                    fresh=args.fresh)
     print(f"sweep {res['sweep_id']}: {len(res['trials'])} trials in {res['wall_s'] / 60:.1f} min, "
           f"MLflow parent run {res['parent_run_id']}")
     for r in res["trials"]:

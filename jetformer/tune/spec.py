@@ -33,7 +33,8 @@ class SweepError(ConfigError):
 class SweepSpec:
     name: str
     path: Path
-    space: dict[str, dict]                       # key -> {"grid": [...]} | {"uniform": [lo, hi]} ...
+    space: dict[str,
+                dict]                       # key -> {"grid": [...]} | {"uniform": [lo, hi]} ...
     presets: list[str] = field(default_factory=list)
     overrides: dict[str, Any] = field(default_factory=dict)
     metric: str = "val_fid"
@@ -77,8 +78,10 @@ def load_sweep(path: str | Path) -> SweepSpec:
         if not isinstance(vals, list) or not vals:
             raise fail(f"space.{key}.{kind}", f"= {vals!r}: must be a non-empty list")
         if kind in ("uniform", "loguniform", "randint"):
-            if len(vals) != 2 or not all(isinstance(v, (int, float)) for v in vals) or vals[0] >= vals[1]:
-                raise fail(f"space.{key}.{kind}", f"= {vals!r}: must be [low, high] with low < high")
+            if len(vals) != 2 or not all(isinstance(v, (int, float))
+                                         for v in vals) or vals[0] >= vals[1]:
+                raise fail(f"space.{key}.{kind}",
+                           f"= {vals!r}: must be [low, high] with low < high")
             if kind == "loguniform" and vals[0] <= 0:
                 raise fail(f"space.{key}.{kind}", f"= {vals!r}: needs low > 0")
         if search == "grid" and kind != "grid":
@@ -138,7 +141,8 @@ def nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def base_config_dict(spec: SweepSpec, params: str | Path = "params.yaml", presets=(), sets=()) -> dict:
+def base_config_dict(spec: SweepSpec, params: str | Path = "params.yaml", presets=(),
+                     sets=()) -> dict:
     """params + the CLI's presets + the sweep's presets + its overrides + the CLI's --set,
     derived values resolved (the dict every trial starts from)."""
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}"

@@ -46,11 +46,13 @@ class SampleQuality:
         with torch.random.fork_rng(devices=[]):
             if cfg.model.conditioning == "class":
                 fake = sample_from_labels(model, self.labels, cfg_scale=e.cfg_scale,
-                                          temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
+                                          temperature=e.temperature, batch_size=e.batch_size,
+                                          seed=cfg.seed)
             else:
                 fake = sample_from_text(model, self.tokenizer, self.prompts,
-                                        max_text_len=cfg.tokenizer.max_text_len, cfg_scale=e.cfg_scale,
-                                        temperature=e.temperature, batch_size=e.batch_size, seed=cfg.seed)
+                                        max_text_len=cfg.tokenizer.max_text_len,
+                                        cfg_scale=e.cfg_scale, temperature=e.temperature,
+                                        batch_size=e.batch_size, seed=cfg.seed)
         m = fidelity_metrics(fake, self.real, extractor=self.extractor, judge_path=self.judge_path,
                              inception_weights=e.inception_weights, batch_size=e.batch_size,
                              kid_subsets=10, seed=cfg.seed)
@@ -104,7 +106,8 @@ def run_trial(config: dict, sweep: dict) -> None:
     def progress(row: dict) -> None:   # the same curves the pipeline's run logs
         if "event" not in row:
             tracking.log_metrics(cfg, run_id, {k: v for k, v in row.items()
-                                               if k in CSV_COLUMNS and k != "step"}, int(row["step"]))
+                                               if k in CSV_COLUMNS and k != "step"},
+                                 int(row["step"]))
 
     def reporter(metrics: dict, checkpoint_dir: str | None) -> None:
         metrics = {k: v for k, v in metrics.items()
