@@ -174,48 +174,13 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
         shutil.rmtree(exp_dir, ignore_errors=True)
         state_file.unlink(missing_ok=True)
     state = _parent_run(cfg, spec, sid, state_file, base, fresh)
-
-    # checkpoints at every validation make Tune warn about its state snapshots: expected here
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    sweep = {"base": base, "cwd": str(root), "name": spec.name,
+             "cpus_per_trial": cfg.tune.cpus_per_trial,
+             "fid_samples": spec.validation["fid_samples"], **state}
     started = init_ray(cfg.train.ray_address)
     try:
-        sweep = {"base": base, "cwd": str(root), "name": spec.name,
-                 "cpus_per_trial": cfg.tune.cpus_per_trial,
-                 "fid_samples": spec.validation["fid_samples"], **state}
-        resources = {"cpu": cfg.tune.cpus_per_trial}
-        if cfg.tune.gpus_per_trial:
-            resources["gpu"] = cfg.tune.gpus_per_trial
-        trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
         t0 = time.time()
-        if not fresh and tune.Tuner.can_restore(str(exp_dir)):
-            print(f"restoring interrupted sweep {sid} from {exp_dir} (--fresh to start over)")
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
-        else:
-            steps = cfg.train.steps
-            if spec.scheduler["type"] == "asha":
-                grace = spec.scheduler["grace_period"] or cfg.train.checkpoint_every
-                scheduler = ASHAScheduler(time_attr="step", max_t=steps,
-                                          grace_period=min(grace, steps),
-                                          reduction_factor=spec.scheduler["reduction_factor"])
-            else:
-                scheduler = FIFOScheduler()
-            print(f"sweep {sid}: {n_trials} trial(s), {steps} steps each, metric {spec.metric} "
-                  f"({spec.mode}); Tune dir {exp_dir}")
-            tuner = tune.Tuner(
-                trainable, param_space=tune_param_space(spec),
-                tune_config=tune.TuneConfig(
-                    metric=spec.metric, mode=spec.mode, scheduler=scheduler,
-                    num_samples=spec.num_samples,
-                    max_concurrent_trials=cfg.tune.max_concurrent_trials,
-                    trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
-                run_config=tune.RunConfig(
-                    name=sid, storage_path=str(storage), verbose=1,
-                    failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
-        results = tuner.fit()
+        results = _tuner(cfg, spec, sweep, sid, storage, fresh, n_trials).fit()
         wall = time.time() - t0
     except BaseException:   # Ctrl-C or Ray trouble: the sweep stays restorable, its run says so
         tracking.client(cfg).set_terminated(state["parent_run_id"], "KILLED")
@@ -224,19 +189,63 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
         if started:
             import ray
             ray.shutdown()
+    return _report(cfg, spec, results, state, sid, base, wall, Path(out_dir) / spec.name)
 
+
+def _tuner(cfg, spec: SweepSpec, sweep: dict, sid: str, storage: Path, fresh: bool,
+           n_trials: int):
+    """The sweep's Tuner: restored from `storage/sid` when an interrupted sweep is there
+    (unless `fresh`), else a new one with ASHA (or FIFO) over the space."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    # checkpoints at every validation make Tune warn about its state snapshots: expected here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    resources = {"cpu": cfg.tune.cpus_per_trial}
+    if cfg.tune.gpus_per_trial:
+        resources["gpu"] = cfg.tune.gpus_per_trial
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), resources)
+    exp_dir = storage / sid
+    if not fresh and tune.Tuner.can_restore(str(exp_dir)):
+        print(f"restoring interrupted sweep {sid} from {exp_dir} (--fresh to start over)")
+        return tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
+    steps = cfg.train.steps
+    if spec.scheduler["type"] == "asha":
+        grace = spec.scheduler["grace_period"] or cfg.train.checkpoint_every
+        scheduler = ASHAScheduler(time_attr="step", max_t=steps, grace_period=min(grace, steps),
+                                  reduction_factor=spec.scheduler["reduction_factor"])
+    else:
+        scheduler = FIFOScheduler()
+    print(f"sweep {sid}: {n_trials} trial(s), {steps} steps each, metric {spec.metric} "
+          f"({spec.mode}); Tune dir {exp_dir}")
+    return tune.Tuner(
+        trainable, param_space=tune_param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, scheduler=scheduler,
+            num_samples=spec.num_samples, max_concurrent_trials=cfg.tune.max_concurrent_trials,
+            trial_name_creator=_trial_name, trial_dirname_creator=lambda t: t.trial_id),
+        run_config=tune.RunConfig(
+            name=sid, storage_path=str(storage), verbose=1,
+            failure_config=tune.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
+
+
+def _report(cfg, spec: SweepSpec, results, state: dict, sid: str, base: dict, wall: float,
+            out: Path) -> dict:
+    """After `fit`: close the trials' runs, write trials.csv / summary.md / best.yaml into
+    `out`, log them and the best setting to the parent run; returns run_sweep's dict."""
+    from jetformer.train import tracking
     rows = _trial_table(results, spec, cfg.train.steps)
     trials = {r["trial_id"]: r for r in rows}
-    closed = close_child_runs(cfg, state["parent_run_id"], state["experiment_id"], trials)
+    pid = state["parent_run_id"]
+    closed = close_child_runs(cfg, pid, state["experiment_id"], trials)
     best = pick_best(rows, spec)
-    out = Path(out_dir) / spec.name
     atomic_write_text(out / "trials.csv", csv_text(*dict_rows(rows)))
-    atomic_write_text(out / "summary.md",
-                      _summary_md(rows, best, spec, sid, base, wall, state["parent_run_id"]))
+    atomic_write_text(out / "summary.md", _summary_md(rows, best, spec, sid, base, wall, pid))
     if best is not None:
         atomic_write_text(out / "best.yaml", best_overlay_text(best, spec, sid))
     cl = tracking.client(cfg)
-    pid = state["parent_run_id"]
     for f in ("trials.csv", "summary.md", "best.yaml"):
         if (out / f).is_file():
             cl.log_artifact(pid, str(out / f))
@@ -247,9 +256,8 @@ def run_sweep(space: str | Path, params: str | Path = "params.yaml", presets=(),
                 cl.set_tag(pid, f"best.{k}", str(best[k]))
     cl.set_terminated(pid, "FINISHED" if all(r["status"] != "error" for r in rows) else "FAILED")
     return {"sweep_id": sid, "experiment": cfg.mlflow.experiment, "best": best, "trials": rows,
-            "parent_run_id": pid,
-            "experiment_id": state["experiment_id"], "closed_runs": closed, "out_dir": out,
-            "wall_s": wall}
+            "parent_run_id": pid, "experiment_id": state["experiment_id"],
+            "closed_runs": closed, "out_dir": out, "wall_s": wall}
 
 
 def _trial_name(trial) -> str:
