@@ -27,8 +27,6 @@ Writes `experiments/results/ablations.md` and `.csv` (mean, std and seeds per me
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 import os
@@ -37,9 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jetformer.config import ABLATIONS_DIR, Config, ConfigError, deep_merge, load_config
+from jetformer.runs import csv_text, dict_rows, init_ray, markdown_table, md_cell
 
 ABLATION_EXPERIMENT_SUFFIX = "-ablations"
-ROW_TAG, SEED_TAG = "jetformer.ablation", "jetformer.seed"
 # sanity checks and verdict thresholds
 CHANCE_MARGIN = 0.10       # attribute accuracy below chance + this = "at chance"
 MIN_BASELINE_ACCURACY = 0.7  # the baseline must have learnt its conditioning (issue 16)
@@ -116,7 +114,7 @@ def not_applicable(cfg: Config, name: str) -> str:
 
 
 def judge_file(cfg: Config) -> Path:
-    from jetformer.tune import judge_path
+    from jetformer.eval.judge import judge_path
     return Path(judge_path(cfg))
 
 
@@ -186,23 +184,19 @@ def ensure_pca(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------- evaluation
 def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
-    """Sample quality of a trained model measured as the `sample` + `evaluate_generation` stages
-    do: samples with CFG (eval.cfg_scale, eval.temperature) for the first eval.num_samples val
-    captions (text models) or labels (class models); FID / precision / recall / KID against all
-    val images; attribute accuracy = mean fraction of the asked attributes (caption: main
-    shape and colour; class: shape) that the judge sees in the sample. Also the chance level
-    of that accuracy (`attribute_chance`: 1 / number of values of each asked attribute)."""
-    import torch
-
+    """Sample quality of a trained model, measured by the `sample` + `evaluate_generation`
+    stages' functions: samples with CFG (eval.cfg_scale, eval.temperature) for the first
+    eval.num_samples val captions (text models) or labels (class models); FID / precision /
+    recall / KID against all val images; attribute accuracy = mean fraction of the asked
+    attributes (caption: main shape and colour; class: shape) that the judge sees in the
+    sample. Also the chance level of that accuracy (`attribute_chance`: 1 / number of values
+    of each asked attribute)."""
     from jetformer.data.dataset import ArrowImageDataset
-    from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
-    from jetformer.eval.fidelity import fidelity_metrics, resolve_extractor
+    from jetformer.eval.attributes import class_asked, t2i_asked
+    from jetformer.eval.fidelity import resolve_extractor
     from jetformer.eval.judge import load_judge
-    from jetformer.eval.sampling import (
-        caption_prompts,
-        sample_from_labels,
-        sample_from_text,
-    )
+    from jetformer.eval.stages import (generate_samples, judged_attributes, sample_fidelity,
+                                       text_tokenizer, visible)
     from jetformer.train.checkpoint import load_trained
 
     model, mcfg = load_trained(checkpoint)
@@ -210,34 +204,22 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n = min(e.num_samples, len(val))
     items = [val[i] for i in range(n)]
-    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
-                  seed=cfg.seed)
-    if mcfg.model.conditioning == "class":
-        fake = sample_from_labels(model, [int(it["label"]) for it in items], **common)
-    else:
-        from jetformer.data.tokenizer import TextTokenizer
-        fake = sample_from_text(model, TextTokenizer(mcfg.tokenizer.out_path),
-                                caption_prompts(items, cfg.seed),
-                                max_text_len=mcfg.tokenizer.max_text_len, **common)
+    kind = "class" if mcfg.model.conditioning == "class" else "t2i"
+    tokenizer = text_tokenizer(mcfg, cfg) if kind == "t2i" else None
+    fake, _ = generate_samples(model, mcfg, tokenizer, items, kind, e=e, seed=cfg.seed)
     extractor = resolve_extractor(e.feature_extractor, cfg.data.source)
     jp = str(judge_file(cfg)) if extractor == "domain" else None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = fidelity_metrics(fake, val.images(), extractor=extractor, judge_path=jp,
-                           inception_weights=e.inception_weights, batch_size=e.batch_size,
-                           device=device, seed=cfg.seed)
+    out = sample_fidelity(fake, val.images(), extractor, jp, cfg)
     out.pop("kid_std", None)
     out["attribute_accuracy"] = out["attribute_chance"] = float("nan")
     if jp is not None:
         judge = load_judge(jp)
-        pred = judge.predict(fake)
-        if mcfg.model.conditioning == "class":   # in the judge's terms: the shape, else the label
-            asked = [class_asked(int(it["label"]), val.classes, pred) for it in items]
+        if kind == "class":   # in the judge's terms: the shape, else the label
+            asked = [class_asked(int(it["label"]), val.classes, judge.vocab) for it in items]
         else:
             asked = [t2i_asked(it["attributes"]) for it in items]
-        # only what the judge can see (a source without scene attributes has no shape/colour heads)
-        asked = [a if all(h in pred for h in a) else {} for a in asked]
-        acc, _ = attribute_accuracy(pred, asked)
-        out["attribute_accuracy"] = acc
+        asked = visible(asked, judge.vocab)
+        out["attribute_accuracy"] = judged_attributes(judge, fake, asked)[0]
         heads = [h for a in asked for h in a]
         if heads:
             out["attribute_chance"] = sum(1.0 / len(judge.vocab[h]) for h in heads) / len(heads)
@@ -247,26 +229,19 @@ def evaluate_generation(cfg: Config, checkpoint: str | Path) -> dict:
 
 def heldout_nll(cfg: Config, checkpoint: str | Path) -> dict:
     """Val bits/dim given the class (`val_bits_per_dim`) and unconditional
-    (`val_uncond_bits_per_dim`) on `eval.num_nll_images` val images, and PNG's on the same."""
+    (`val_uncond_bits_per_dim`) on `eval.num_nll_images` val images, and PNG's on the same,
+    by the `evaluate_understanding` stage's function."""
     from jetformer.data.dataset import ArrowImageDataset
-    from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
+    from jetformer.eval import stages
     from jetformer.train.checkpoint import load_trained
     model, mcfg = load_trained(checkpoint)
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n = min(cfg.eval.num_nll_images or len(val), len(val))
-    images = val.images(range(n))
-    cond = {}
-    if model.conditioning == "class":
-        cond = {"labels": val.labels()[:n]}
-    elif model.conditioning == "text":
-        from jetformer.data.tokenizer import TextTokenizer
-        first = [(c or [""])[0] for c in val.column("captions")[:n]]
-        cond = dict(zip(("text", "text_mask"), TextTokenizer(mcfg.tokenizer.out_path)
-                        .encode_batch(first, mcfg.tokenizer.max_text_len)))
-    kw = {"batch_size": cfg.eval.batch_size, "seed": cfg.seed}
-    return {"val_bits_per_dim": heldout_bits_per_dim(model, images, **kw, **cond).mean().item(),
-            "val_uncond_bits_per_dim": heldout_bits_per_dim(model, images, **kw).mean().item(),
-            "png_bits_per_dim": png_bits_per_dim(images).mean().item()}
+    tokenizer = stages.text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
+    nll = stages.heldout_nll(model, mcfg, val, n, tokenizer, batch_size=cfg.eval.batch_size,
+                             seed=cfg.seed)
+    return {f"val_{k}" if k != "png_bits_per_dim" else k: v.mean().item()
+            for k, v in nll.items()}
 
 
 # ----------------------------------------------------------------------------- one point
@@ -343,7 +318,7 @@ def _child_run(cfg: Config, ctx: dict, point: dict) -> str:
     from jetformer.train import tracking
     cl = tracking.client(cfg)
     tags = {"mlflow.parentRunId": ctx["parent_run_id"], "mlflow.runName": cfg.mlflow.run_name,
-            ROW_TAG: point["row"], SEED_TAG: str(point["seed"]),
+            tracking.TAG_ABLATION: point["row"], tracking.TAG_SEED: str(point["seed"]),
             tracking.TAG_ABLATION_TABLE: ctx["table"],
             **tracking.run_tags(cfg, point["hash"])}
     run = cl.create_run(ctx["experiment_id"], run_name=cfg.mlflow.run_name,
@@ -448,21 +423,8 @@ def table_rows(results: dict[str, list[dict]]) -> list[dict]:
     return rows
 
 
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return ""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
-
-
 def to_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    keys = list(rows[0]) if rows else ["ablation"]
-    w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (repr(v) if math.isfinite(v) else "") if isinstance(v, float)
-                    else ("" if v is None else v) for k, v in r.items()})
-    return buf.getvalue()
+    return csv_text(*dict_rows(rows, list(rows[0]) if rows else ["ablation"]))
 
 
 def to_markdown(rows: list[dict], header: str) -> str:
@@ -472,11 +434,10 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
     def cell(r, c):
         if c in shown:
-            m, s = r.get(c), r.get(f"{c}_std")
-            return _fmt(m) + (f" ± {_fmt(s)}" if _fmt(s) else "")
-        return _fmt(r.get(c))
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r, c) for c in cols) + " |" for r in rows]
+            m, s = md_cell(r.get(c)), md_cell(r.get(f"{c}_std"))
+            return m + (f" ± {s}" if s else "")
+        return r.get(c)
+    lines = [header, ""] + markdown_table(cols, [[cell(r, c) for c in cols] for r in rows])
     lines += ["", "Mean ± sample standard deviation over the seeds. Verdicts:", ""]
     lines += [f"- `{r['ablation']}` **{r['verdict']}**: {r['verdict_text']}"
               for r in rows if r.get("verdict_text")]
@@ -580,13 +541,12 @@ def _fit(cfg: Config, points: dict, pending: list[str], state: dict, storage: Pa
          base_hash: str) -> None:
     from ray import tune
 
-    from jetformer.tune import _init_ray
     ctx = {"cwd": os.getcwd(), "cpus_per_trial": cfg.tune.cpus_per_trial,
            "points": {k: points[k] for k in pending}, **state}
     resources = {"cpu": cfg.tune.cpus_per_trial}
     if cfg.tune.gpus_per_trial:
         resources["gpu"] = cfg.tune.gpus_per_trial
-    started = _init_ray(cfg)
+    started = init_ray(cfg.train.ray_address)
     try:
         trainable = tune.with_resources(tune.with_parameters(run_point, ctx=ctx), resources)
         tuner = tune.Tuner(
@@ -662,8 +622,8 @@ def cli_ablate(args) -> int:
     rows = run_ablations(args.params, args.preset, args.set, args.only,
                          getattr(args, "seeds", 2), getattr(args, "fresh", False), args.out_dir)
     for r in rows:
-        print(f"{r['ablation']:18s} seeds {r['seeds']} fid {_fmt(r.get('fid'))} ± "
-              f"{_fmt(r.get('fid_std'))} bpd {_fmt(r.get('val_bits_per_dim'))} -> "
+        print(f"{r['ablation']:18s} seeds {r['seeds']} fid {md_cell(r.get('fid'))} ± "
+              f"{md_cell(r.get('fid_std'))} bpd {md_cell(r.get('val_bits_per_dim'))} -> "
               f"{r['verdict']}")
     print(f"table: {Path(args.out_dir) / 'ablations.md'}")
     return 0

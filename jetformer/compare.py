@@ -10,7 +10,8 @@ A sweep's parent run is never a row. Writes, under `--out-dir`:
   compare_<name>.csv   every run: name, id, status, the params that differ between runs (and the
                        noise schedule), and the last value of every metric, exactly as logged
   compare_<name>.md    the same table, rounded for reading
-  compare_<name>_vs_sigma0.png   FID and bits/dim against the initial RGB noise sigma0 (paper Fig. 3/§4.2)
+  compare_<name>_vs_sigma0.png   FID and bits/dim against the initial RGB noise sigma0
+                                 (paper Fig. 3/§4.2)
   compare_<name>_curves.png      training curves of all runs overlaid
 The same runs can be compared in the MLflow UI (`mlflow ui --backend-store-uri <tracking uri>`,
 select the runs, "Compare").
@@ -18,14 +19,12 @@ select the runs, "Compare").
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jetformer.runs import csv_text, markdown_table
+from jetformer.safe_io import atomic_save_figure, atomic_write_text
 from jetformer.train.tracking import (
     ROLE_SWEEP,
     TAG_ABLATION_TABLE,
@@ -44,7 +43,6 @@ BPD_KEYS = ("val_bits_per_dim", "val_bpd", "bits_per_dim", "image_bpd", "train_b
 CURVE_PRIORITY = ("loss", "image_bpd", "bits_per_dim", "train_bits_per_dim", "val_bits_per_dim",
                   "domain_fid", "sigma", "text_nll", "grad_norm", "lr")
 MAX_CURVES = 6
-SWEEP_ROLE_TAG = TAG_ROLE           # ROLE_SWEEP on a sweep's parent run (left out of tables)
 
 
 @dataclass
@@ -158,7 +156,8 @@ def table_columns(runs: list[RunRecord]) -> tuple[list[str], list[str]]:
     schedule; every metric that any run logged."""
     all_params = sorted({k for r in runs for k in r.params})
     varying = [k for k in all_params if len({r.params.get(k) for r in runs}) > 1]
-    params = [k for k in KEY_PARAMS if k in all_params] + [k for k in varying if k not in KEY_PARAMS]
+    params = [k for k in KEY_PARAMS if k in all_params] + [k for k in varying
+                                                           if k not in KEY_PARAMS]
     metrics = sorted({k for r in runs for k in r.metrics})
     return params, metrics
 
@@ -172,23 +171,12 @@ def comparison_rows(runs: list[RunRecord]) -> tuple[list[str], list[list]]:
 
 
 def to_csv(header: list[str], rows: list[list]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    for row in rows:
-        w.writerow([repr(v) if isinstance(v, float) else v for v in row])  # exact floats
-    return buf.getvalue()
+    return csv_text(header, rows)
 
 
 def to_markdown(header: list[str], rows: list[list], title: str = "") -> str:
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4g}" if math.isfinite(v) else str(v)
-        return str(v).replace("|", "\\|")
     lines = [f"# {title}", ""] if title else []
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + markdown_table(header, rows)) + "\n"
 
 
 # ----------------------------------------------------------------------------- plots
@@ -224,7 +212,7 @@ def plot_vs_sigma0(runs: list[RunRecord], path: Path) -> bool:
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save_fig(fig, path)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
@@ -256,28 +244,12 @@ def plot_curves(runs: list[RunRecord], path: Path) -> bool:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.tight_layout()
-    _save_fig(fig, path)
+    atomic_save_figure(fig, path, dpi=110)
     plt.close(fig)
     return True
 
 
 # ----------------------------------------------------------------------------- output
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _save_fig(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
-
-
 def compare(experiment: str, tracking_uri: str = "", parent_run: str = "",
             out_dir: str | Path = "experiments/results",
             selection: Selection | None = None) -> dict[str, Path]:

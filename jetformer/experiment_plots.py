@@ -14,10 +14,11 @@ under `<out_dir>/sweeps/<parent run name>/` and as artifacts of P (`plots/`):
 """
 from __future__ import annotations
 
-import csv
-import io
 import math
 from pathlib import Path
+
+from jetformer.runs import csv_text, dict_rows
+from jetformer.safe_io import atomic_save_figure
 
 SIGMA0 = "train.noise.sigma0"
 FID_KEYS = ("fid", "val_fid")              # an evaluation's FID when logged, else the sweep's
@@ -78,26 +79,15 @@ def sigma0_rows(df) -> tuple[list[dict], str | None, str | None]:
 
 
 def rows_csv(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: ("" if isinstance(v, float) and not math.isfinite(v) else
-                        repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
+    return csv_text(*dict_rows(rows, list(rows[0])))
 
 
 def _save(fig, path: Path) -> None:
-    import os
-    import tempfile
-
     import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        atomic_save_figure(fig, path, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
 
 
 def plot_sigma0(rows: list[dict], fid: str | None, bpd: str | None, path: Path) -> None:

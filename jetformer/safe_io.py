@@ -1,5 +1,8 @@
 """Files that never run code: atomic writes, and `torch.load` restricted to plain data.
 
+Every file the project writes goes through `atomic_write` (text, JSON, PNG, figures, torch
+files): a temp file beside the target, fsync, `os.replace`, so a reader never sees half a file.
+
 Everything the project saves with `torch` (training state, exported model, PCA, evaluation
 samples) holds only tensors, numbers, strings, bytes, None, lists, tuples and dicts;
 `atomic_torch_save` refuses anything else, and `safe_load` reads with `weights_only=True`, so a
@@ -59,9 +62,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic(path: str | Path, write) -> None:
-    """`write(file object)` into a temp file beside `path`, fsync, then `os.replace`: a crash,
-    a full disk or an exception at any point leaves the previous `path` untouched."""
+def _default_mode() -> int:
+    """The mode `open()` gives a new file (0o666 less the umask); mkstemp's is 0o600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_mode()
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """`write(binary file object)` into a temp file beside `path`, fsync, then `os.replace`: a
+    crash, a full disk or an exception at any point leaves the previous `path` untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -70,6 +83,7 @@ def _atomic(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -80,18 +94,36 @@ def _atomic(path: str | Path, write) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` atomically (never a half file)."""
-    _atomic(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
-def atomic_write_json(path: str | Path, obj) -> None:
-    """`obj` as indented JSON at `path`, atomically (benchmark results, reports)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` as UTF-8 at `path`, atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj, *, indent: int = 2, ensure_ascii: bool = True,
+                      sort_keys: bool = False) -> None:
+    """`obj` as indented JSON (and a final newline) at `path`, atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii,
+                                       sort_keys=sort_keys) + "\n")
+
+
+def atomic_save_png(array, path: str | Path) -> None:
+    """A uint8 [H, W, 3] array as a PNG at `path`, atomically."""
+    from PIL import Image
+    atomic_write(path, lambda f: Image.fromarray(array).save(f, format="PNG"))
+
+
+def atomic_save_figure(fig, path: str | Path, **savefig) -> None:
+    """A matplotlib figure as a PNG at `path` (`savefig` keywords: dpi, bbox_inches), atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", **savefig))
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """`torch.save` of plain data (checked first, see `check_plain`) to `path`, atomically."""
     check_plain(obj)
-    _atomic(path, lambda f: torch.save(obj, f))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,6 +1,7 @@
 """The one runner behind every `pipelines/*.py` DVC stage script.
 
-    sys.exit(run_stage("judge", run_judge, __doc__, out="models/judge.pt", metrics="metrics/judge.json"))
+    sys.exit(run_stage("judge", run_judge, __doc__, out="models/judge.pt",
+                       metrics="metrics/judge.json"))
 
 parses `--params` (plus `--preset`/`--set` with `overlays=True`, a positional argument per
 `positional` entry, and one `--path-arg` per keyword default), loads the config FIRST so bad
@@ -17,17 +18,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
-import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable
 
 from jetformer.config import ConfigError, load_config
+from jetformer.safe_io import atomic_write_json
 
 
 class StageError(Exception):
@@ -87,12 +86,7 @@ def flat_metrics(metrics: dict, prefix: str = "") -> dict:
 def write_metrics(path: str | Path, metrics: dict) -> dict:
     """Write `flat_metrics(metrics)` as JSON atomically; returns what was written."""
     flat = flat_metrics(metrics)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(json.dumps(flat, indent=1, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, flat, indent=1, ensure_ascii=False, sort_keys=True)
     return flat
 
 

@@ -11,7 +11,8 @@ from jetformer.stage import run_stage
 
 
 def main(argv=None) -> int:
-    return run_stage("finetune {task}", run_finetune, __doc__, argv=argv, positional={"task": TASKS},
+    return run_stage("finetune {task}", run_finetune, __doc__, argv=argv,
+                     positional={"task": TASKS},
                      out_dir=None, plots="plots")
 
 

@@ -112,3 +112,28 @@ def test_progress_prints_a_line_every_tenth_when_not_a_terminal():
     assert list(progress([1, 2, 3], "x", file=quiet, delay=60)) == [1, 2, 3]
     assert quiet.getvalue() == ""
     assert list(progress(iter([1, 2]), "no length", file=quiet, delay=0)) == [1, 2]
+
+
+def test_outputs_are_replaced_whole_or_not_at_all(tmp_path):
+    """`safe_io.atomic_write` (behind write_metrics and every other output): a writer that fails
+    half way leaves the previous file and no temp file; a new file gets open()'s usual mode."""
+    import json
+    import os
+
+    from jetformer.safe_io import atomic_write
+    from jetformer.stage import write_metrics
+
+    path = tmp_path / "metrics" / "m.json"
+    write_metrics(path, {"a": 1.5, "b": {"c": 2}})
+    assert json.loads(path.read_text()) == {"a": 1.5, "b_c": 2}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+    def half(f):
+        f.write(b"{\"a\": ")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, half)
+    assert json.loads(path.read_text()) == {"a": 1.5, "b_c": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["m.json"]

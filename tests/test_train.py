@@ -247,21 +247,51 @@ def test_missing_prepared_data_fails_before_ray(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- Ray end to end
+def _killing_train_fn(rank: int, step: int, marker: Path):
+    """A Ray Train worker function that runs `launch._train_fn` but SIGKILLs worker `rank` once
+    (`marker` not yet there) when its progress reaches `step`. A local function, so Ray pickles
+    it by value into the worker processes, where it patches the worker's own `train_loop`."""
+    def train_fn(config: dict) -> None:
+        import os
+        import signal
+
+        from jetformer.train import launch as worker_launch
+        real_loop = worker_launch.train_loop
+
+        def loop(cfg, **kw):
+            progress = kw["progress"]
+
+            def dying(row: dict) -> None:
+                progress(row)
+                if kw["rank"] == rank and row.get("step", 0) >= step and not marker.exists():
+                    marker.touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return real_loop(cfg, **{**kw, "progress": dying})
+        worker_launch.train_loop = loop
+        try:
+            worker_launch._train_fn(config)
+        finally:
+            worker_launch.train_loop = real_loop
+    return train_fn
+
+
 @pytest.mark.slow
 def test_ray_two_workers_recover_from_killed_worker_and_track_in_mlflow(project, monkeypatch,
                                                                          capfd):
     """2 Ray workers (DDP over gloo); worker 1 is SIGKILLed at step 5, Ray restarts the group
     from the last checkpoint (FailureConfig) and the run finishes; MLflow holds the run."""
-    from jetformer.train import tracking
+    from jetformer.train import launch, tracking
     from jetformer.train.launch import run_training
     monkeypatch.chdir(project)
     cfg = micro_cfg(project, "train.num_workers=2", "train.steps=8", "train.checkpoint_every=2",
                     "train.log_every=2", "train.max_failures=2", "mlflow.experiment=test-train")
-    out = run_training(cfg, kill_worker=(1, 5))
+    marker = project / "killed_worker"
+    monkeypatch.setattr(launch, "_train_fn", _killing_train_fn(rank=1, step=5, marker=marker))
+    out = run_training(cfg)
     console = capfd.readouterr().out
     assert "2 worker(s) on cpu, starting" in console
     assert "resuming at step" in console                               # FailureConfig restart
-    assert (Path(out["run_dir"]) / "killed_worker").is_file()          # the kill happened
+    assert marker.is_file()                                            # the kill happened
     assert out["steps"] == 8 and math.isfinite(out["val_bits_per_dim"])
 
     # outputs

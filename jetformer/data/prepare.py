@@ -1,4 +1,4 @@
-"""`prepare` stage: any source -> `prepared_dir/{train,val}/shard-XXXXX.arrow` (DESIGN §4).
+"""`prepare` stage: any source -> `prepared_dir/{train,val}/shard-XXXXX.arrow`.
 
 Every image is decoded, converted to RGB, its shorter side resized to `data.resolution`
 (area averaging) and centre-cropped; broken files are skipped and reported with their reason.
@@ -31,6 +31,7 @@ import pyarrow as pa
 from jetformer.data import readers
 from jetformer.data.readers import BadFile, Record, SourceError
 from jetformer.progress import progress
+from jetformer.safe_io import atomic_write, atomic_write_json, atomic_write_text
 
 SPLITS = ("train", "val")
 LISTING_FILE = "files.tsv"
@@ -185,10 +186,10 @@ def write_shard(records: list[dict], path: str, resolution: int, min_side: int) 
         pa.array(ids, pa.string()), image_col, pa.array(labels, pa.int32()),
         pa.array(captions, pa.list_(pa.string())), pa.array(qas, pa.list_(QA_TYPE)),
         pa.array(attributes, ATTRIBUTES_TYPE)], schema=schema)
-    tmp = path + ".tmp"
-    with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_table(table)
-    os.replace(tmp, path)
+    def write(f):
+        with pa.ipc.new_file(f, schema) as writer:
+            writer.write_table(table)
+    atomic_write(path, write)
     paths = {r["id"]: r["path"] for r in records}
     outcome = {"file": os.path.basename(path), "written": len(ids), "skipped": skipped,
                "converted": converted, "missing": stats["missing"],
@@ -201,12 +202,7 @@ def write_shard(records: list[dict], path: str, resolution: int, min_side: int) 
 
 
 def _write_json(path: str | Path, obj) -> None:
-    path = str(path)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, obj, indent=1, ensure_ascii=False)
 
 
 def _shard_done(arrow_path: Path) -> bool:
@@ -354,10 +350,7 @@ def _write_listing(path: Path, rows: list[tuple]) -> None:
     def clean(v) -> str:
         return " ".join(str(v).split("\t")).replace("\n", " ")
     lines = ["split\tstatus\tid\tfile\tdetail"] + ["\t".join(map(clean, r)) for r in rows]
-    tmp = str(path) + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _first_reasons(skipped: list[dict], n: int = 3) -> str:

@@ -8,19 +8,16 @@ then record that reason instead of a metric).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from jetformer.safe_io import atomic_write_json
 
 ROLE_FILE = "role.json"
 
 
 def write_role(prepared_dir: str | Path, info: dict) -> None:
     """Atomically write `role.json` into `prepared_dir` (created if needed)."""
-    out = Path(prepared_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ROLE_FILE + ".tmp")
-    tmp.write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, out / ROLE_FILE)
+    atomic_write_json(Path(prepared_dir) / ROLE_FILE, info, indent=1, ensure_ascii=False)
 
 
 def read_role(prepared_dir: str | Path) -> dict:

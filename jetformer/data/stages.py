@@ -2,11 +2,11 @@
 them to the command line through `jetformer.stage.run_stage`)."""
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 from jetformer.config import Config
+from jetformer.safe_io import atomic_write_bytes
 from jetformer.stage import write_metrics
 
 
@@ -92,10 +92,7 @@ def run_tokenizer(cfg: Config) -> Path:
     out = Path(t.out_path)
     if t.model_path:
         tok = TextTokenizer(t.model_path)          # checks the special ids
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.copyfile(t.model_path, tmp)
-        os.replace(tmp, out)
+        atomic_write_bytes(out, Path(t.model_path).read_bytes())
         print(f"tokenizer: using {t.model_path} (vocab {tok.vocab_size}) -> {out}")
     else:
         texts = training_texts(cfg.data.prepared_dir)

@@ -1,4 +1,4 @@
-"""The embedded "shapes" world (DESIGN §4): a seeded procedural data set written in the
+"""The embedded "shapes" world: a seeded procedural data set written in the
 on-disk formats of the real sources, so that `prepare` reads it with the real readers.
 
 Layout under `out_dir` (one tree per split, `train` and `val`):
@@ -32,7 +32,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from jetformer.progress import progress
+from jetformer.safe_io import atomic_write_bytes, atomic_write_json
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLORS = {                       # name -> RGB, far apart in RGB and hue
@@ -316,14 +316,8 @@ def _bad_file(kind: str, image: Image.Image, rng: np.random.Generator) -> tuple[
     raise ValueError(f"unknown bad-file kind {kind!r}")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode())
+    atomic_write_json(path, obj, indent=1, ensure_ascii=False)
 
 
 def world_params(cfg) -> dict:
@@ -365,7 +359,7 @@ def generate_split(out_dir: Path, split: str, num_images: int, cfg) -> dict:
         else:
             data, fmt = _bad_file(kind, image, rng)
         file_name = f"{scene['objects'][0]['shape']}/{image_id:06d}.{fmt}"
-        _write_atomic(img_root / file_name, data)
+        atomic_write_bytes(img_root / file_name, data)
         captions = make_captions(scene, rng)
         if i == odd_caption_index:
             main = scene["objects"][0]

@@ -7,12 +7,13 @@ training stops short of the asked vocabulary on repetitive captions);
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Iterable
 
 import sentencepiece as spm
 import torch
+
+from jetformer.safe_io import atomic_write_bytes
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -96,8 +97,22 @@ def train_tokenizer(texts: Iterable[str], out_path: str | Path, vocab_size: int)
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         shuffle_input_sentence=False, num_threads=1, minloglevel=2)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, model.getvalue())
     return TextTokenizer(out_path)
+
+
+def tokenizer_path(cfg, checkpoint: str | Path) -> Path:
+    """The sentencepiece model the checkpoint was trained with: `tokenizer.model_path` or
+    `tokenizer.out_path`, relative to the working directory, the checkpoint's project, or
+    this repository."""
+    from jetformer.config import REPO_ROOT
+    from jetformer.train.tracking import project_root
+
+    rel = Path(cfg.tokenizer.model_path or cfg.tokenizer.out_path)
+    ck = Path(checkpoint).resolve()
+    for base in (Path.cwd(), project_root(ck if ck.is_dir() else ck.parent), REPO_ROOT):
+        cand = rel if rel.is_absolute() else base / rel
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"tokenizer {rel} of checkpoint {checkpoint} not found "
+                            "(run `dvc repro tokenizer`)")

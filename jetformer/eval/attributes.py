@@ -21,8 +21,10 @@ def class_asked(label: int, classes: list[str], heads) -> dict[str, str]:
     return {"label": str(label)} if "label" in heads else {}
 
 
-def attribute_accuracy(judged: dict[str, list[str]], asked: list[dict[str, str]]) -> tuple[float, list]:
+def attribute_accuracy(judged: dict[str, list[str]], asked: list[dict[str, str]]) -> tuple[float,
+                                                                                           list]:
     """(mean over samples that ask for something, per-sample fraction or None)."""
-    per = [sum(judged[h][i] == v for h, v in a.items()) / len(a) if a else None for i, a in enumerate(asked)]
+    per = [sum(judged[h][i] == v for h, v in a.items()) / len(a) if a else None for i,
+           a in enumerate(asked)]
     scored = [p for p in per if p is not None]
     return (sum(scored) / len(scored) if scored else float("nan")), per

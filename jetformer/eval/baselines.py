@@ -49,7 +49,8 @@ def answer_per_question_type(train_questions: list[dict]) -> dict[str, str]:
     """{question_type: most common normalised training answer} (all 10 answers counted)."""
     counts: dict[str, Counter] = {}
     for q in train_questions:
-        counts.setdefault(q.get("question_type", ""), Counter()).update(normalize_answer(a) for a in q["answers"])
+        counts.setdefault(q.get("question_type", ""),
+                          Counter()).update(normalize_answer(a) for a in q["answers"])
     return {t: c.most_common(1)[0][0] for t, c in counts.items()}
 
 
@@ -57,7 +58,8 @@ def per_type_vqa_accuracy(train_questions: list[dict], val_questions: list[dict]
     """VQA accuracy of the most common training answer of each question type (the overall most
     common answer for a type never seen in training)."""
     table = answer_per_question_type(train_questions)
-    overall = Counter(normalize_answer(a) for q in train_questions for a in q["answers"]).most_common(1)[0][0]
+    overall = Counter(normalize_answer(a) for q in train_questions
+                      for a in q["answers"]).most_common(1)[0][0]
     preds = [table.get(q.get("question_type", ""), overall) for q in val_questions]
     return vqa_score(preds, val_questions)["accuracy"]
 

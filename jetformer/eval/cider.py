@@ -23,7 +23,8 @@ CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 def ptb_tokenize(text: str) -> str:
     """'A man's RED-haired dog, isn't it?' -> "a man 's red-haired dog is n't it"."""
     text = unicodedata.normalize("NFKC", text).lower()
-    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
+    text = text.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c",
+                                                                      '"').replace("\u201d", '"')
     out = []
     for tok in TOKEN.findall(text):
         if tok.endswith("."):                  # sentence-final period glued by the word pattern
@@ -42,7 +43,8 @@ def cider_score(predictions: dict, references: dict) -> tuple[float, dict]:
     """
     if set(predictions) != set(references):
         missing = sorted(set(references) ^ set(predictions), key=str)[:5]
-        raise ValueError(f"cider_score: predictions and references cover different images, e.g. {missing}")
+        raise ValueError(f"cider_score: predictions and references cover different images, e.g. "
+                         f"{missing}")
     if len(references) < 2:
         raise ValueError("cider_score: needs at least 2 images (idf is log(#images / df))")
     keys = list(references)

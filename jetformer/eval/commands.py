@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from jetformer.config import REPO_ROOT
 
 
 def load_images(paths: list[str], resolution: int, min_side: int = 1) -> torch.Tensor:
@@ -33,24 +32,9 @@ def load_images(paths: list[str], resolution: int, min_side: int = 1) -> torch.T
     return torch.stack(out)
 
 
-def tokenizer_path(cfg, checkpoint: str | Path) -> Path:
-    """The sentencepiece model the checkpoint was trained with: `tokenizer.model_path` or
-    `tokenizer.out_path`, relative to the working directory, the checkpoint's project, or
-    this repository."""
-    from jetformer.train.tracking import project_root
-
-    rel = Path(cfg.tokenizer.model_path or cfg.tokenizer.out_path)
-    ck = Path(checkpoint).resolve()
-    for base in (Path.cwd(), project_root(ck if ck.is_dir() else ck.parent), REPO_ROOT):
-        cand = rel if rel.is_absolute() else base / rel
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"tokenizer {rel} of checkpoint {checkpoint} not found (run `dvc repro tokenizer`)")
-
-
 def load_for_cli(checkpoint: str, need_text: bool = True):
     """(model, cfg, tokenizer or None) for a command."""
-    from jetformer.data.tokenizer import TextTokenizer
+    from jetformer.data.tokenizer import TextTokenizer, tokenizer_path
     from jetformer.train.checkpoint import load_trained
 
     if not Path(checkpoint).exists():
@@ -67,28 +51,34 @@ def load_for_cli(checkpoint: str, need_text: bool = True):
 
 def sample_grid(model, cfg, tokenizer, *, prompts=(), labels=(), num: int = 8, cfg_scale=None,
                 temperature=None, seed: int = 0) -> torch.Tensor:
-    """uint8 [len(prompts or labels) * num, H, W, 3]: `num` samples per prompt (or label), in order."""
+    """uint8 [len(prompts or labels) * num, H, W, 3]: `num` samples per prompt (or label), in
+    order."""
     from jetformer.eval.sampling import sample_from_labels, sample_from_text
 
     cfg_scale = cfg.eval.cfg_scale if cfg_scale is None else float(cfg_scale)
     temperature = cfg.eval.temperature if temperature is None else float(temperature)
     if cfg_scale < 0 or temperature <= 0:
-        raise ValueError(f"--cfg must be >= 0 and --temperature > 0, got {cfg_scale}, {temperature}")
+        raise ValueError(f"--cfg must be >= 0 and --temperature > 0, got {cfg_scale}, "
+                         f"{temperature}")
     if num <= 0:
         raise ValueError(f"--num must be > 0, got {num}")
     if labels:
         if model.conditioning != "class":
-            raise ValueError("--label needs a class-conditional checkpoint; this one is text-conditional "
+            raise ValueError("--label needs a class-conditional checkpoint; this one is "
+                             "text-conditional "
                              "(use --prompt)")
         bad = [y for y in labels if not 0 <= y < model.num_classes]
         if bad:
             raise ValueError(f"--label {bad[0]} out of range [0, {model.num_classes})")
-        return sample_from_labels(model, [y for y in labels for _ in range(num)], cfg_scale=cfg_scale,
-                                  temperature=temperature, batch_size=cfg.eval.batch_size, seed=seed)
+        return sample_from_labels(model, [y for y in labels for _ in range(num)],
+                                  cfg_scale=cfg_scale, temperature=temperature,
+                                  batch_size=cfg.eval.batch_size, seed=seed)
     if not prompts:
-        raise ValueError("give --prompt TEXT (text-conditional model) or --label N (class-conditional)")
+        raise ValueError("give --prompt TEXT (text-conditional model) or --label N "
+                         "(class-conditional)")
     if model.conditioning != "text":
-        raise ValueError("--prompt needs a text-conditional checkpoint; this one is class-conditional "
+        raise ValueError("--prompt needs a text-conditional checkpoint; this one is "
+                         "class-conditional "
                          "(use --label)")
     return sample_from_text(model, tokenizer, [p for p in prompts for _ in range(num)],
                             max_text_len=cfg.tokenizer.max_text_len, cfg_scale=cfg_scale,
@@ -99,7 +89,8 @@ def cli_sample(args) -> int:
     from jetformer.eval.sampling import make_grid, save_png
 
     model, cfg, tokenizer = load_for_cli(args.checkpoint, need_text=False)
-    images = sample_grid(model, cfg, tokenizer, prompts=args.prompt, labels=args.label, num=args.num,
+    images = sample_grid(model, cfg, tokenizer, prompts=args.prompt, labels=args.label,
+                         num=args.num,
                          cfg_scale=args.cfg, temperature=args.temperature, seed=args.seed)
     scale = max(1, 128 // images.shape[1])
     save_png(make_grid(images, nrow=args.num, scale=scale), args.out)
@@ -127,7 +118,8 @@ def cli_answer(args) -> int:
         raise ValueError("the question is empty")
     model, cfg, tokenizer = load_for_cli(args.checkpoint)
     images = load_images([args.image], cfg.data.resolution)
-    answer = generate_answers(model, tokenizer, images, [args.question], max_text_len=cfg.tokenizer.max_text_len,
+    answer = generate_answers(model, tokenizer, images, [args.question],
+                              max_text_len=cfg.tokenizer.max_text_len,
                               max_len=cfg.eval.max_decode_len, batch_size=1)[0]
     print(answer)
     return 0

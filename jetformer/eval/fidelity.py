@@ -27,7 +27,8 @@ class ImageTensorDataset(Dataset):
 
     def __init__(self, images: torch.Tensor):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 images [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"expected uint8 images [N,H,W,3], got {images.dtype} "
+                             f"{tuple(images.shape)}")
         self.images = images
 
     def __len__(self):
@@ -42,7 +43,8 @@ def resolve_extractor(setting: str, source: str) -> str:
     if setting == "auto":
         return "domain" if source == "synthetic" else "inception"
     if setting not in ("domain", "inception"):
-        raise ValueError(f"eval.feature_extractor must be auto, domain or inception, got {setting!r}")
+        raise ValueError(f"eval.feature_extractor must be auto, domain or inception, got "
+                         f"{setting!r}")
     return setting
 
 
@@ -90,7 +92,8 @@ def inception_weights_path(configured: str = "") -> str:
     """A local file with torch-fidelity's Inception weights, downloading them if needed."""
     if configured:
         if not Path(configured).is_file():
-            raise FileNotFoundError(f"eval.inception_weights: Inception weights not found at {configured!r}")
+            raise FileNotFoundError(f"eval.inception_weights: Inception weights not found at "
+                                    f"{configured!r}")
         return configured
     cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
     if cached.is_file():
@@ -99,9 +102,10 @@ def inception_weights_path(configured: str = "") -> str:
         torch.hub.load_state_dict_from_url(INCEPTION_URL, progress=False, map_location="cpu")
     except Exception as e:  # noqa: BLE001 - no network, proxy, disk... all end in one message
         raise FileNotFoundError(
-            f"Inception weights for FID are neither present nor downloadable ({type(e).__name__}: {e}). "
-            f"Put {INCEPTION_FILE} (from {INCEPTION_URL}) on disk and set eval.inception_weights to its "
-            "path, or use eval.feature_extractor=domain.") from None
+            "Inception weights for FID are neither present nor downloadable "
+            f"({type(e).__name__}: {e}). Put {INCEPTION_FILE} (from {INCEPTION_URL}) on disk and "
+            "set eval.inception_weights to its path, or use eval.feature_extractor=domain."
+        ) from None
     return str(cached)
 
 
@@ -120,7 +124,8 @@ def real_cache_name(real: torch.Tensor, extractor: str, weights: str) -> str:
 def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: str,
                      judge_path: str | None = None, inception_weights: str = "",
                      batch_size: int = 100, device: str | torch.device | None = None,
-                     prc_neighborhood: int = 3, kid_subsets: int = 100, seed: int = 0) -> dict[str, float]:
+                     prc_neighborhood: int = 3, kid_subsets: int = 100, seed: int = 0) -> dict[str,
+                                                                                               float]:
     """{"fid", "precision", "recall", "kid", "kid_std"} of `generated` (input1) against `real`
     (input2), both uint8 [N,H,W,3]. `extractor`: "domain" (needs `judge_path`) or "inception"."""
     import torch_fidelity
@@ -128,7 +133,8 @@ def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: 
     from jetformer.eval.judge import register_with_torch_fidelity
 
     if len(generated) < 2 or len(real) < 2:
-        raise ValueError(f"fidelity metrics need >= 2 images per set, got {len(generated)} and {len(real)}")
+        raise ValueError(f"fidelity metrics need >= 2 images per set, got {len(generated)} and "
+                         f"{len(real)}")
     if extractor == "domain":
         if not judge_path:
             raise ValueError("domain FID needs the judge weights (judge_path)")
@@ -143,11 +149,13 @@ def fidelity_metrics(generated: torch.Tensor, real: torch.Tensor, *, extractor: 
     # Inception: torch-fidelity's standard FID layer, the 2048-d pool features (TF-FID port)
     layers = ({f"feature_layer_{m}": "2048" for m in ("fid", "kid", "prc")}
               if extractor == "inception" else {})
-    cuda = (torch.device(device).type == "cuda") if device is not None else torch.cuda.is_available()
+    cuda = (torch.device(device).type == "cuda" if device is not None
+            else torch.cuda.is_available())
     neighborhood = min(prc_neighborhood, len(generated) - 1, len(real) - 1)
     m = torch_fidelity.calculate_metrics(
         input1=ImageTensorDataset(generated), input2=ImageTensorDataset(real),
-        fid=True, kid=True, prc=True, feature_extractor=name, feature_extractor_weights_path=weights,
+        fid=True, kid=True, prc=True, feature_extractor=name,
+        feature_extractor_weights_path=weights,
         cuda=cuda, batch_size=batch_size, verbose=sys.stderr.isatty(), save_cpu_ram=True,
         cache=True, input2_cache_name=real_cache_name(real, name, weights),  # real features once
         kid_subset_size=min(1000, len(generated), len(real)), kid_subsets=kid_subsets,

@@ -26,9 +26,11 @@ def finetune(model, cfg, dataset, tokenizer, *, task: str, steps: int, lr: float
     if task not in TASKS:
         raise ValueError(f"fine-tune task must be one of {TASKS}, got {task!r}")
     if getattr(model, "text_head", None) is None:
-        raise ValueError("fine-tuning for captioning/VQA needs a text model (model.conditioning='text')")
+        raise ValueError("fine-tuning for captioning/VQA needs a text model "
+                         "(model.conditioning='text')")
     if cfg.train.text_loss_weight <= 0:
-        raise ValueError("train.text_loss_weight must be > 0 to read the text loss from compute_loss")
+        raise ValueError("train.text_loss_weight must be > 0 to read the text loss from "
+                         "compute_loss")
     if steps <= 0:
         return []
     make_batch = caption_batch if task == "caption" else vqa_batch
@@ -50,7 +52,8 @@ def finetune(model, cfg, dataset, tokenizer, *, task: str, steps: int, lr: float
         loss.backward()
         clip_gradients(model.parameters(), cfg.train.grad_clip)
         opt.step()
-        curve.append({"step": step + 1, "loss": float(loss.detach()), "lr": opt.param_groups[0]["lr"]})
+        curve.append({"step": step + 1, "loss": float(loss.detach()),
+                      "lr": opt.param_groups[0]["lr"]})
         if log is not None and (step % log_every == 0 or step == steps - 1):
             log(f"finetune {task} step {step + 1}/{steps} loss {curve[-1]['loss']:.4f} "
                 f"({time.time() - t0:.0f}s)")
@@ -69,7 +72,8 @@ def save_finetuned(model, source: dict, out_file, step: int) -> None:
 
 
 @torch.no_grad()
-def generate_captions(model, tokenizer, images: torch.Tensor, *, max_len: int, batch_size: int) -> list[str]:
+def generate_captions(model, tokenizer, images: torch.Tensor, *, max_len: int,
+                      batch_size: int) -> list[str]:
     """Greedy captions of uint8 images [N,H,W,3]."""
     out = []
     for i in progress(range(0, len(images), batch_size), "caption"):
@@ -79,7 +83,8 @@ def generate_captions(model, tokenizer, images: torch.Tensor, *, max_len: int, b
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str], *, max_text_len: int,
+def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str], *,
+                     max_text_len: int,
                      max_len: int, batch_size: int) -> list[str]:
     """Greedy answers: prefix [BOI, img, BOS, question] (question ids without EOS, as in
     `batching.vqa_batch`); images uint8 [N,H,W,3], one question each. Questions of different
@@ -94,7 +99,8 @@ def generate_answers(model, tokenizer, images: torch.Tensor, questions: list[str
         for b, q in enumerate(qs):
             ids = tokenizer.encode(q, eos=False)[: max_text_len - 1]
             prefix[b, max_text_len - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        ids = model.generate_text(images[i:i + batch_size].to(model.device), prefix=prefix.to(model.device),
+        ids = model.generate_text(images[i:i + batch_size].to(model.device),
+                                  prefix=prefix.to(model.device),
                                   prefix_mask=(prefix != 0).to(model.device), max_len=max_len)
         out.extend(tokenizer.decode(row) for row in ids.cpu())
     return out

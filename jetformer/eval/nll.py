@@ -20,11 +20,13 @@ from jetformer.progress import progress
 def png_bits_per_dim(images: torch.Tensor) -> torch.Tensor:
     """uint8 [N,H,W,3] -> [N] bits/dim of each image as a PNG file (RGB, zlib level 9)."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images [N,H,W,3], got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(f"expected uint8 images [N,H,W,3], got {images.dtype} "
+                         f"{tuple(images.shape)}")
     out = []
     for img in images.cpu().numpy():
         buf = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(img), mode="RGB").save(buf, format="PNG", optimize=True,
+        Image.fromarray(np.ascontiguousarray(img), mode="RGB").save(buf, format="PNG",
+                                                                    optimize=True,
                                                                      compress_level=9)
         out.append(8.0 * buf.getbuffer().nbytes / img.size)
     return torch.tensor(out, dtype=torch.float64)

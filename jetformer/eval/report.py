@@ -11,9 +11,9 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from jetformer.safe_io import atomic_write_text
 
 # every evaluation result, in the metrics file of the stage that computes it (merge_results:
 # null when it does not apply to the model/data)
@@ -21,15 +21,6 @@ REQUIRED_KEYS = ("fid", "precision", "recall", "kid", "t2i_attribute_accuracy",
                  "class_attribute_accuracy", "cider", "vqa_accuracy", "zeroshot_accuracy",
                  "val_bits_per_dim", "val_uncond_bits_per_dim", "png_bits_per_dim",
                  "judge_val_accuracy")
-
-
-def _atomic_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _clean(obj):
@@ -44,7 +35,8 @@ def _clean(obj):
 
 
 def write_json(path: str | Path, obj) -> None:
-    _atomic_text(path, json.dumps(_clean(obj), indent=1, ensure_ascii=False, sort_keys=True) + "\n")
+    atomic_write_text(path,
+                      json.dumps(_clean(obj), indent=1, ensure_ascii=False, sort_keys=True) + "\n")
 
 
 def read_json(path: str | Path) -> dict:
@@ -68,7 +60,7 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str] | None = Non
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
-    _atomic_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def merge_results(parts: dict[str, dict]) -> dict:
@@ -80,7 +72,8 @@ def merge_results(parts: dict[str, dict]) -> dict:
             if isinstance(v, (dict, list)):
                 continue                         # details stay in the per-stage files
             if k in out and out[k] != v:
-                raise ValueError(f"metric {k!r} differs between stages: {out[k]!r} vs {v!r} ({stage})")
+                raise ValueError(f"metric {k!r} differs between stages: {out[k]!r} vs {v!r} "
+                                 f"({stage})")
             out[k] = v
     for k in REQUIRED_KEYS:
         out.setdefault(k, None)

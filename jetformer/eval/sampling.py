@@ -3,28 +3,28 @@ with classifier-free guidance (KV cache inside `JetFormer.sample_images`), and s
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from jetformer.progress import progress
+from jetformer.safe_io import atomic_save_png
 
 
 def class_prompt(name: str, template: str) -> str:
     """The text that asks a multimodal model for a class, e.g. template "a {}" -> "a circle"."""
     if "{}" not in template:
-        raise ValueError(f"eval.class_prompt must contain '{{}}' for the class name, got {template!r}")
+        raise ValueError(f"eval.class_prompt must contain '{{}}' for the class name, got "
+                         f"{template!r}")
     return template.format(name.replace("_", " "))
 
 
 def caption_prompts(items: list[dict], seed: int) -> list[str]:
     """One text-to-image prompt per dataset item: one of its captions, picked with `seed`."""
     g = torch.Generator().manual_seed(seed)
-    return [it["captions"][int(torch.randint(len(it["captions"]), (), generator=g))] for it in items]
+    return [it["captions"][int(torch.randint(len(it["captions"]), (), generator=g))]
+            for it in items]
 
 
 @torch.no_grad()
@@ -36,7 +36,8 @@ def sample_from_text(model, tokenizer, prompts: list[str], *, max_text_len: int,
     for i in progress(range(0, len(prompts), batch_size), "sample (text)"):
         text, mask = tokenizer.encode_batch(prompts[i:i + batch_size], max_text_len)
         out.append(model.sample_images(text=text.to(model.device), text_mask=mask.to(model.device),
-                                       cfg_scale=cfg_scale, temperature=temperature, generator=g).cpu())
+                                       cfg_scale=cfg_scale, temperature=temperature,
+                                       generator=g).cpu())
         if log is not None:
             log(f"sampled {min(i + batch_size, len(prompts))}/{len(prompts)} (text)")
     return torch.cat(out)
@@ -57,15 +58,18 @@ def sample_from_labels(model, labels: list[int], *, cfg_scale: float, temperatur
     return torch.cat(out)
 
 
-def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale: int = 1) -> np.ndarray:
-    """uint8 [N,H,W,3] -> one uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] mosaic (grey padding)."""
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2,
+              scale: int = 1) -> np.ndarray:
+    """uint8 [N,H,W,3] -> one uint8 [rows*(H+pad)+pad, nrow*(W+pad)+pad, 3] mosaic (grey
+    padding)."""
     n, h, w, _ = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 128, np.uint8)
     for k, img in enumerate(images.cpu().numpy()):
         r, c = divmod(k, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h,
+             pad + c * (w + pad): pad + c * (w + pad) + w] = img
     if scale > 1:
         grid = grid.repeat(scale, 0).repeat(scale, 1)
     return grid
@@ -73,9 +77,4 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2, scale
 
 def save_png(array: np.ndarray, path: str | Path) -> None:
     """Atomic PNG write."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    atomic_save_png(array, path)

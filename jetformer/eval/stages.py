@@ -46,14 +46,77 @@ def _class_names(ds: ArrowImageDataset, info: dict) -> list[str]:
     return list(info.get("class_names") or ds.classes)
 
 
-def _text_tokenizer(mcfg: Config, cfg: Config):
-    from jetformer.data.tokenizer import TextTokenizer
-    from jetformer.eval.commands import tokenizer_path
+def text_tokenizer(mcfg: Config, cfg: Config):
+    """The tokenizer the model of `cfg.train.out_dir` (its config `mcfg`) was trained with."""
+    from jetformer.data.tokenizer import TextTokenizer, tokenizer_path
     return TextTokenizer(tokenizer_path(mcfg, cfg.train.out_dir))
 
 
+# ----------------------------------------------------------------------------- measurements
+# shared by the stages below and by `jetformer.ablate`, so both compute the same numbers
+def generate_samples(model, mcfg: Config, tokenizer, items: list[dict], kind: str, *, e,
+                     seed: int, class_names=(), log=None) -> tuple[torch.Tensor, list[str]]:
+    """(uint8 images, prompts) for dataset `items` with CFG (`e`: the eval config).
+    `kind="t2i"`: one caption of each item (picked with `seed`); `kind="class"`: the items'
+    labels, given as the label to a class-conditional model and as `eval.class_prompt` on
+    `class_names` to a text model."""
+    from jetformer.eval.sampling import (caption_prompts, class_prompt, sample_from_labels,
+                                         sample_from_text)
+    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
+                  seed=seed, log=log)
+    if kind == "t2i":
+        prompts = caption_prompts(items, seed)
+    else:
+        labels = [it["label"] for it in items]
+        if model.conditioning == "class":
+            return sample_from_labels(model, labels, **common), [f"label {y}" for y in labels]
+        prompts = [class_prompt(class_names[y], e.class_prompt) for y in labels]
+    return sample_from_text(model, tokenizer, prompts, max_text_len=mcfg.tokenizer.max_text_len,
+                            **common), prompts
+
+
+def sample_fidelity(images: torch.Tensor, real: torch.Tensor, extractor: str, judge_path,
+                    cfg: Config) -> dict:
+    """FID / precision / recall / KID (and its std) of `images` against `real`."""
+    from jetformer.eval.fidelity import fidelity_metrics
+    return fidelity_metrics(images, real, extractor=extractor, judge_path=judge_path,
+                            inception_weights=cfg.eval.inception_weights,
+                            batch_size=cfg.eval.batch_size, device=_device(), seed=cfg.seed)
+
+
+def visible(asked: list[dict], heads) -> list[dict]:
+    """`asked` restricted to what the judge can see: a sample asking for a head the judge
+    lacks (a source without scene attributes has no shape/colour heads) asks nothing."""
+    return [a if all(h in heads for h in a) else {} for a in asked]
+
+
+def judged_attributes(judge, images: torch.Tensor, asked: list[dict]):
+    """(attribute accuracy, per-sample fraction, the judge's predictions) of `images`."""
+    from jetformer.eval.attributes import attribute_accuracy
+    pred = judge.predict(images)
+    return (*attribute_accuracy(pred, asked), pred)
+
+
+def heldout_nll(model, mcfg: Config, val: ArrowImageDataset, n: int, tokenizer, *,
+                batch_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Per-image bits/dim of the first `n` val images: given the class or the first caption
+    (`bits_per_dim`, as training's val_bits_per_dim), unconditional, and stored as PNG."""
+    from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
+    images = val.images(range(n))
+    cond = {"labels": val.labels()[:n]} if model.conditioning == "class" else {}
+    if model.conditioning == "text":
+        first = [(c or [""])[0] for c in val.column("captions")[:n]]
+        cond = dict(zip(("text", "text_mask"),
+                        tokenizer.encode_batch(first, mcfg.tokenizer.max_text_len)))
+    bpd = heldout_bits_per_dim(model, images, batch_size=batch_size, seed=seed, **cond)
+    uncond = heldout_bits_per_dim(model, images, batch_size=batch_size, seed=seed)
+    return {"bits_per_dim": bpd, "uncond_bits_per_dim": uncond,
+            "png_bits_per_dim": png_bits_per_dim(images)}
+
+
 # ----------------------------------------------------------------------------- judge
-def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | Path = "metrics/judge.json") -> dict:
+def run_judge(cfg: Config, out: str | Path = "models/judge.pt",
+              metrics: str | Path = "metrics/judge.json") -> dict:
     """Train the domain judge on the FID reference source's real training images (scene
     attributes, or the class label where a source has none), measure it on its val images,
     save it. A source with neither (COCO) gets no judge: the file records why."""
@@ -62,7 +125,8 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
 
     (train, val), _ = _role_splits(cfg, "fid", "train", "val")
     t0 = time.time()
-    targets = {name: [scene_targets(ds[i]) for i in range(len(ds))] for name, ds in (("train", train), ("val", val))}
+    targets = {name: [scene_targets(ds[i]) for i in range(len(ds))]
+               for name, ds in (("train", train), ("val", val))}
     reason = judge_targets_reason(targets["train"])
     if reason:
         save_unavailable(reason, out)
@@ -91,7 +155,8 @@ def run_judge(cfg: Config, out: str | Path = "models/judge.pt", metrics: str | P
 
 
 # ----------------------------------------------------------------------------- sample
-def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: str | Path = "plots") -> dict:
+def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples",
+               plots: str | Path = "plots") -> dict:
     """Class-conditional and text-to-image samples with CFG for the first `eval.num_samples`
     val items of the FID reference set, saved with what each was asked for (`t2i.pt`,
     `class.pt`), plus sample grids.
@@ -101,21 +166,19 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
       `eval.class_prompt` ("a {}" -> "a circle"; ImageNet: the class-name file's names),
       class-conditional models get the label; the classes follow the val labels.
     Returns {kind: number of samples}."""
-    from jetformer.eval.sampling import (caption_prompts, class_prompt, make_grid, sample_from_labels,
-                                         sample_from_text, save_png)
+    from jetformer.eval.sampling import make_grid, save_png
     from jetformer.train.checkpoint import atomic_torch_save, load_trained
 
     model, mcfg = load_trained(cfg.train.out_dir)
     (val,), info = _role_splits(cfg, "fid", "val")
-    tokenizer = _text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
+    tokenizer = text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
     e = cfg.eval
     n = min(e.num_samples, len(val))
     if n < 2:
         raise ValueError(f"eval.num_samples={e.num_samples} with {len(val)} val images gives {n} "
                          "samples; FID/precision/recall need at least 2")
     items = [val[i] for i in range(n)]
-    common = dict(cfg_scale=e.cfg_scale, temperature=e.temperature, batch_size=e.batch_size,
-                  log=lambda s: print(s, flush=True))
+    common = dict(e=e, log=lambda s: print(s, flush=True))
     out_dir, plots = Path(out_dir), Path(plots)
     for stale in [out_dir / "t2i.pt", out_dir / "class.pt", plots / "samples" / "t2i.png",
                   plots / "samples" / "class.png"]:
@@ -125,9 +188,8 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
 
     # text-to-image, prompted by val captions
     if model.conditioning == "text" and all(it["captions"] for it in items):
-        prompts = caption_prompts(items, cfg.seed)
-        images = sample_from_text(model, tokenizer, prompts, max_text_len=mcfg.tokenizer.max_text_len,
-                                  seed=cfg.seed, **common)
+        images, prompts = generate_samples(model, mcfg, tokenizer, items, "t2i", seed=cfg.seed,
+                                           **common)
         atomic_torch_save({"images": images, "prompts": prompts, "ids": [it["id"] for it in items],
                            "attributes": [it["attributes"] for it in items]}, out_dir / "t2i.pt")
         save_png(make_grid(images[:64], nrow=8, scale=4), plots / "samples" / "t2i.png")
@@ -139,15 +201,9 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
     # class samples, following the val labels (only where the reference set has classes)
     labels = [it["label"] for it in items]
     if val.classes and all(0 <= y < len(val.classes) for y in labels):
-        if model.conditioning == "class":
-            images = sample_from_labels(model, labels, seed=cfg.seed + 1, **common)
-            prompts = [f"label {y}" for y in labels]
-        else:
-            names = _class_names(val, info)
-            prompts = [class_prompt(names[y], e.class_prompt) for y in labels]
-            images = sample_from_text(model, tokenizer, prompts,
-                                      max_text_len=mcfg.tokenizer.max_text_len,
-                                      seed=cfg.seed + 1, **common)
+        images, prompts = generate_samples(model, mcfg, tokenizer, items, "class",
+                                           seed=cfg.seed + 1, class_names=_class_names(val, info),
+                                           **common)
         atomic_torch_save({"images": images, "prompts": prompts, "labels": labels,
                            "classes": val.classes, "ids": [it["id"] for it in items]},
                           out_dir / "class.pt")
@@ -159,7 +215,8 @@ def run_sample(cfg: Config, out_dir: str | Path = "data/eval/samples", plots: st
     if not report:
         raise ValueError("sample: the FID reference set (data.roles.fid) has neither captions "
                          "for a text model nor classes: nothing to prompt with")
-    print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature {e.temperature})")
+    print(f"sample: {report} in {time.time() - t0:.0f}s (cfg {e.cfg_scale}, temperature "
+          f"{e.temperature})")
     return report
 
 
@@ -169,15 +226,16 @@ FIDELITY_KEYS = ("fid", "precision", "recall", "kid", "kid_std")
 
 def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/samples",
                             judge: str | Path = "models/judge.pt",
-                            metrics: str | Path = "metrics/generation.json", plots: str | Path = "plots") -> dict:
+                            metrics: str | Path = "metrics/generation.json",
+                            plots: str | Path = "plots") -> dict:
     """FID, precision, recall and KID of the samples against the FID reference set's val
     images (domain judge or Inception, `fidelity.choose_extractor`), and attribute accuracy of
     the samples (does the judge see the shape / colour / class the prompt asked for?), beside
     the trivial baseline of a generator that always draws the most frequent asked value.
     What cannot be measured is null with the reason in `<metric>_unavailable`."""
-    from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
+    from jetformer.eval.attributes import class_asked, t2i_asked
     from jetformer.eval.baselines import constant_attribute_accuracy
-    from jetformer.eval.fidelity import choose_extractor, fidelity_metrics
+    from jetformer.eval.fidelity import choose_extractor
     from jetformer.eval.judge import judge_unavailable, load_judge
 
     judge_path = judge
@@ -212,9 +270,7 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
         images = s["images"]
         result[f"{kind}_num_samples"] = len(images)
         if extractor:
-            fm = fidelity_metrics(images, real, extractor=extractor, judge_path=judge_path,
-                                  inception_weights=cfg.eval.inception_weights,
-                                  batch_size=cfg.eval.batch_size, device=_device(), seed=cfg.seed)
+            fm = sample_fidelity(images, real, extractor, judge_path, cfg)
             result.update({f"{kind}_{k}": v for k, v in fm.items()})
             print(f"{kind}: FID {fm['fid']:.3f} precision {fm['precision']:.3f} recall "
                   f"{fm['recall']:.3f} KID {fm['kid']:.4f} ({extractor} features)")
@@ -226,14 +282,14 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
         else:
             heads = judge.vocab if judge else ()
             asked = [class_asked(y, s["classes"], heads) for y in s["labels"]]
+        asked = visible(asked, judge.vocab) if judge else asked
         if judge is None or not any(asked):
             why = (f"no domain judge ({judge_reason})" if judge is None
                    else "the reference set has no attributes the judge reads for these prompts")
             unavailable(f"{kind}_attribute_accuracy", why)
             unavailable(f"baseline_{kind}_attribute_accuracy", why)
             continue
-        pred = judge.predict(images)
-        acc, per = attribute_accuracy(pred, asked)
+        acc, per, pred = judged_attributes(judge, images, asked)
         result[f"{kind}_attribute_accuracy"] = acc
         result[f"baseline_{kind}_attribute_accuracy"] = constant_attribute_accuracy(
             [a for a in asked if a])
@@ -243,7 +299,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
                          **{f"judged_{h}": pred[h][i] for h in judge.vocab}, "correct": per[i]})
         print(f"{kind}: attribute accuracy {acc:.3f} "
               f"(baseline {result[f'baseline_{kind}_attribute_accuracy']:.3f})")
-    # the headline FID/PR/KID: text-to-image samples for text models (COCO-style), else class samples
+    # the headline FID/PR/KID: text-to-image samples for text models (COCO-style), else class
+    # samples
     main_kind = "t2i" if "t2i" in kinds else "class"
     for k in FIDELITY_KEYS:
         result[k] = result[f"{main_kind}_{k}"]
@@ -256,7 +313,8 @@ def run_evaluate_generation(cfg: Config, samples: str | Path = "data/eval/sample
 
 
 # ----------------------------------------------------------------------------- fine-tunes
-def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plots: str | Path = "plots") -> dict:
+def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None,
+                 plots: str | Path = "plots") -> dict:
     """A short fine-tune of the trained multimodal model for captioning (image prefix ->
     caption) or VQA (image + question prefix -> answer) on the training split of the task's
     role (`data.roles.caption` / `data.roles.vqa`), saved to `out_dir` (default
@@ -279,7 +337,7 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
         info["skipped"] = f"the {task} source '{role.get('source')}' has no {need}"
     curve = []
     if not info["skipped"]:
-        tokenizer = _text_tokenizer(mcfg, cfg)
+        tokenizer = text_tokenizer(mcfg, cfg)
         t0 = time.time()
         curve = finetune(model, mcfg, splits[0], tokenizer, task=task,
                          steps=cfg.eval.finetune_steps,
@@ -287,10 +345,12 @@ def run_finetune(cfg: Config, task: str, out_dir: str | Path | None = None, plot
                          log=lambda s: print(s, flush=True))
         info.update(steps=len(curve), seconds=time.time() - t0,
                     first_loss=curve[0]["loss"] if curve else None,
-                    final_loss=sum(c["loss"] for c in curve[-10:]) / max(1, len(curve[-10:])) if curve else None)
+                    final_loss=(sum(c["loss"] for c in curve[-10:]) / len(curve[-10:])
+                                if curve else None))
     else:
         print(f"finetune {task}: skipped ({info['skipped']}); saving the trained model unchanged")
-    save_finetuned(model, source, out_dir / MODEL_FILE, step=int(source.get("step", 0)) + len(curve))
+    save_finetuned(model, source, out_dir / MODEL_FILE,
+                   step=int(source.get("step", 0)) + len(curve))
     write_json(out_dir / "finetune.json", info)
     write_csv(Path(plots) / f"finetune_{task}.csv", curve, fields=["step", "loss", "lr"])
     return info
@@ -313,7 +373,7 @@ def _load_finetuned(model: str | Path, cfg: Config):
     """(fine-tuned model, its config, its text tokenizer)."""
     from jetformer.train.checkpoint import load_trained
     net, mcfg = load_trained(model)
-    return net, mcfg, _text_tokenizer(mcfg, cfg)
+    return net, mcfg, text_tokenizer(mcfg, cfg)
 
 
 def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metrics, plots) -> dict:
@@ -330,7 +390,8 @@ def _skipped_outputs(info: dict, task: str, metric: str, score_column: str, metr
 
 # ----------------------------------------------------------------------------- caption
 def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_caption",
-                         metrics: str | Path = "metrics/caption.json", plots: str | Path = "plots") -> dict:
+                         metrics: str | Path = "metrics/caption.json",
+                         plots: str | Path = "plots") -> dict:
     """Greedy captions of the val images by the captioning fine-tune, CIDEr against the val
     captions, beside a constant "most common training caption" baseline."""
     from jetformer.eval.baselines import constant_caption_cider
@@ -353,7 +414,8 @@ def run_evaluate_caption(cfg: Config, model: str | Path = "models/finetune_capti
               "caption_finetune_steps": info.get("steps"), "caption_seconds": time.time() - t0}
     write_metrics(metrics, result)
     write_csv(Path(plots) / "caption_predictions.csv",
-              [{"index": i, "id": it["id"], "prediction": p, "cider": per[it["id"]], "reference": it["captions"][0]}
+              [{"index": i, "id": it["id"], "prediction": p, "cider": per[it["id"]],
+                "reference": it["captions"][0]}
                for i, (it, p) in enumerate(zip(items, preds))])
     print(f"CIDEr {score:.3f} (constant caption {base_caption!r}: {base:.3f})")
     for it, p in list(zip(items, preds))[:5]:
@@ -376,7 +438,7 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
         return _skipped_outputs(info, "vqa", "vqa_accuracy", "accuracy", metrics, plots)
     net, mcfg, tokenizer = _load_finetuned(model, cfg)
     t0 = time.time()
-    index, ids, questions = [], [], []      # (val item, question) pairs, every question of every image
+    index, ids, questions = [], [], []   # (val item, question): every question of every image
     for i in range(len(val)):
         item = val[i]
         for q in item["qa"]:
@@ -385,18 +447,20 @@ def run_evaluate_vqa(cfg: Config, model: str | Path = "models/finetune_vqa",
             questions.append(q)
     images = val.images()[torch.tensor(index, dtype=torch.long)]
     preds = generate_answers(net, tokenizer, images, [q["question"] for q in questions],
-                             max_text_len=mcfg.tokenizer.max_text_len, max_len=cfg.eval.max_decode_len,
-                             batch_size=cfg.eval.batch_size)
+                             max_text_len=mcfg.tokenizer.max_text_len,
+                             max_len=cfg.eval.max_decode_len, batch_size=cfg.eval.batch_size)
     s = vqa_score(preds, questions)
     train_questions = [q for qas in train.column("qa") for q in (qas or [])]
     base = per_type_vqa_accuracy(train_questions, questions)
     result = {"vqa_accuracy": s["accuracy"], "baseline_vqa_accuracy": base,
-              "vqa_per_answer_type": s["per_answer_type"], "vqa_per_question_type": s["per_question_type"],
+              "vqa_per_answer_type": s["per_answer_type"],
+              "vqa_per_question_type": s["per_question_type"],
               "vqa_num_questions": len(questions), "vqa_finetune_steps": info.get("steps"),
               "vqa_seconds": time.time() - t0}
     write_metrics(metrics, result)
     write_csv(Path(plots) / "vqa_predictions.csv",
-              [{"index": k, "id": i, "question_type": q.get("question_type", ""), "question": q["question"],
+              [{"index": k, "id": i, "question_type": q.get("question_type", ""),
+                "question": q["question"],
                 "prediction": p, "answers": "|".join(q["answers"]), "accuracy": a}
                for k, (i, q, p, a) in enumerate(zip(ids, questions, preds, s["per_question"]))])
     print(f"VQA accuracy {s['accuracy']:.4f} (most common answer per question type: {base:.4f}); "
@@ -412,7 +476,6 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     (`eval.zeroshot_prompts`, log-sum-exp over the templates), and the held-out NLL in
     bits/dim of pretraining val images beside the bits/dim of the same images stored as PNG."""
     from jetformer.eval.baselines import majority_class_accuracy
-    from jetformer.eval.nll import heldout_bits_per_dim, png_bits_per_dim
     from jetformer.eval.sampling import class_prompt
     from jetformer.eval.zeroshot import zeroshot_classify
     from jetformer.train.checkpoint import load_trained
@@ -426,15 +489,9 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
     # held-out NLL vs PNG on the same (pretraining val) images: conditional (as training's
     # val_bits_per_dim; the class, or each image's first caption) and unconditional ([NOLABEL])
     n = min(e.num_nll_images, len(pre_val)) if e.num_nll_images else len(pre_val)
-    nll_images = pre_val.images(range(n))
-    cond = {"labels": pre_val.labels()[:n]} if model.conditioning == "class" else {}
-    if model.conditioning == "text":
-        first = [(c or [""])[0] for c in pre_val.column("captions")[:n]]
-        cond = dict(zip(("text", "text_mask"), _text_tokenizer(mcfg, cfg).encode_batch(
-            first, mcfg.tokenizer.max_text_len)))
-    bpd = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed, **cond)
-    uncond = heldout_bits_per_dim(model, nll_images, batch_size=e.batch_size, seed=cfg.seed)
-    png = png_bits_per_dim(nll_images)
+    tokenizer = text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
+    nll = heldout_nll(model, mcfg, pre_val, n, tokenizer, batch_size=e.batch_size, seed=cfg.seed)
+    bpd, uncond, png = nll["bits_per_dim"], nll["uncond_bits_per_dim"], nll["png_bits_per_dim"]
     result.update(val_bits_per_dim=bpd.mean().item(), val_uncond_bits_per_dim=uncond.mean().item(),
                   png_bits_per_dim=png.mean().item(), nll_num_images=n)
     print(f"held-out NLL {result['val_bits_per_dim']:.4f} bits/dim given the "
@@ -461,7 +518,6 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
         classes = _class_names(val, role)
         result["baseline_zeroshot_accuracy"] = majority_class_accuracy(train.labels().tolist(),
                                                                        labels.tolist())
-        tokenizer = _text_tokenizer(mcfg, cfg)
         names = [[class_prompt(c, t) for c in classes] for t in e.zeroshot_prompts]  # [P][C]
         encoded = [tokenizer.encode_batch(n, mcfg.tokenizer.max_text_len) for n in names]
         text, mask = (torch.stack(parts) for parts in zip(*encoded))          # [P, C, T] each
@@ -472,13 +528,15 @@ def run_evaluate_understanding(cfg: Config, metrics: str | Path = "metrics/under
         result["zeroshot_prompts"] = names if len(classes) <= 50 else [p[:50] for p in names]
         rows = [{"index": i, "label": classes[y], "predicted": classes[p],
                  **({f"logp_{c}": s for c, s in zip(classes, sc)} if len(classes) <= 50 else {})}
-                for i, (y, p, sc) in enumerate(zip(labels.tolist(), pred.tolist(), scores.tolist()))]
+                for i, (y, p, sc) in enumerate(zip(labels.tolist(), pred.tolist(),
+                                                   scores.tolist()))]
         print(f"zero-shot accuracy {result['zeroshot_accuracy']:.4f} (majority class "
               f"{result['baseline_zeroshot_accuracy']:.4f}), {len(classes)} classes, "
               f"prompts {[p[:3] for p in names]}")
     result["understanding_seconds"] = time.time() - t0
     write_metrics(metrics, result)
-    write_csv(Path(plots) / "zeroshot_predictions.csv", rows, fields=["index", "label", "predicted"])
+    write_csv(Path(plots) / "zeroshot_predictions.csv", rows,
+              fields=["index", "label", "predicted"])
     write_csv(Path(plots) / "nll_per_image.csv",
               [{"index": i, "bits_per_dim": b, "uncond_bits_per_dim": u, "png_bits_per_dim": p}
                for i, (b, u, p) in enumerate(zip(bpd.tolist(), uncond.tolist(), png.tolist()))])
@@ -503,7 +561,8 @@ def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str
                                        training_run_id)
 
     merged = merge_results({p: read_json(Path(metrics_dir) / f"{p}.json") for p in REPORT_PARTS})
-    numeric = {k: v for k, v in merged.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    numeric = {k: v for k, v in merged.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     artifacts = [(str(Path(plots) / a), "samples" if a == "samples" else "predictions")
                  for a in REPORT_ARTIFACTS] + \
                 [(str(Path(metrics_dir) / f"{p}.json"), "metrics") for p in REPORT_PARTS]
@@ -514,7 +573,8 @@ def run_eval_report(cfg: Config, metrics_dir: str | Path = "metrics", plots: str
         run_id = None
     summary = write_metrics(out, report_metrics(merged, run_id))
     for k in sorted(numeric):
-        print(f"  {k:40s} {numeric[k]:.4f}" if isinstance(numeric[k], float) else f"  {k:40s} {numeric[k]}")
+        print(f"  {k:40s} {numeric[k]:.4f}"
+              if isinstance(numeric[k], float) else f"  {k:40s} {numeric[k]}")
     print("beats baselines: " + ", ".join(f"{k.removeprefix('beats_')} {'yes' if v else 'NO'}"
                                           for k, v in summary.items() if k.startswith("beats_")))
     if run_id:

@@ -98,10 +98,12 @@ def vqa_score(predictions: list[str], questions: list[dict]) -> dict:
     """Mean accuracy over questions, overall and per answer/question type.
 
     `questions[i]`: {"answers": [str]*10, optional "answer_type", "question_type"}.
-    Returns {"accuracy", "per_answer_type", "per_question_type", "per_question"} (fractions in [0, 1]).
+    Returns {"accuracy", "per_answer_type", "per_question_type", "per_question"} (fractions in
+    [0, 1]).
     """
     if len(predictions) != len(questions):
-        raise ValueError(f"vqa_score: {len(predictions)} predictions for {len(questions)} questions")
+        raise ValueError(f"vqa_score: {len(predictions)} predictions for {len(questions)} "
+                         f"questions")
     if not questions:
         raise ValueError("vqa_score: no questions")
     per_q = [vqa_accuracy(p, q["answers"]) for p, q in zip(predictions, questions)]

@@ -1,4 +1,4 @@
-"""Zero-shot classification by scoring class names (paper §4, Fig. 4; official-code facts 21):
+"""Zero-shot classification by scoring class names (paper §4, Fig. 4):
 predict argmax_c log p(name_c | image), the text scored after the image prefix [BOI, img, BOS].
 
 With several prompt templates per class (a CLIP-style ensemble, e.g. "a red {}", "a blue {}")
@@ -26,8 +26,8 @@ def zeroshot_scores(model, images: torch.Tensor, class_text: torch.Tensor, class
     for i in progress(range(0, len(images), rows), "zero-shot"):
         x = images[i:i + rows]
         b = x.shape[0]
-        xs = x.repeat_interleave(C, dim=0)                           # [b*C, H, W, 3]: img0 x C, img1 x C ...
-        text = class_text.repeat(b, 1)                               # [b*C, T]:     name0..nameC-1, ...
+        xs = x.repeat_interleave(C, dim=0)      # [b*C, H, W, 3]: img0 x C, img1 x C ...
+        text = class_text.repeat(b, 1)          # [b*C, T]:     name0..nameC-1, ...
         mask = class_mask.repeat(b, 1)
         out.append(model.score_text(xs, text, mask).float().cpu().view(b, C))
     return torch.cat(out)

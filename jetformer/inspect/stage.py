@@ -76,7 +76,7 @@ def run_inspect(cfg, plots: str | Path = "plots/inspect",
     """Write the inspection grids and metrics; returns the metrics dict."""
     from jetformer.data.dataset import ArrowImageDataset
     from jetformer.stage import write_metrics
-    from jetformer.eval.stages import _text_tokenizer
+    from jetformer.eval.stages import text_tokenizer
     from jetformer.train.checkpoint import load_trained
 
     from .complete import complete
@@ -88,7 +88,7 @@ def run_inspect(cfg, plots: str | Path = "plots/inspect",
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     if len(val) == 0:
         raise ValueError(f"{cfg.data.prepared_dir}/val has no images to inspect")
-    tokenizer = _text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
+    tokenizer = text_tokenizer(mcfg, cfg) if model.conditioning == "text" else None
     plots = Path(plots)
     shutil.rmtree(plots, ignore_errors=True)        # no grid of an earlier model survives
     plots.mkdir(parents=True)

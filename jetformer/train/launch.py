@@ -1,5 +1,5 @@
 """Ray Train launcher: `run_training(cfg)` trains on `train.num_workers` workers and writes the
-stage outputs (DESIGN §1, §6). All Ray-specific code of the repo's training lives here.
+stage outputs. All Ray-specific code of the repo's training lives here.
 
   * Ray: `train.ray_address` or `$RAY_ADDRESS` connects to a cluster, else a quiet local Ray.
     `TorchTrainer` + `ScalingConfig(num_workers, use_gpu)`; gloo on CPU, nccl on GPUs.
@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 import queue as queue_lib
@@ -31,20 +30,19 @@ import signal
 import tempfile
 import threading
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from jetformer.config import Config, config_from_dict
+from jetformer.runs import init_ray
 from jetformer.stage import sigterm_raises
 from jetformer.train import checkpoint as ckpt
 from jetformer.train import tracking
 from jetformer.train.loop import NonFiniteLossError, load_inputs, train_loop
 
 FINAL_MARKER = "final.json"     # in the run dir once a run has finished
-KILL_MARKER = "killed_worker"   # test hook: the injected failure happens once per run dir
 
 CSV_COLUMNS = ("step", "stage", "epoch", "loss", "bits_per_dim", "text_nll", "logdet_per_dim",
                "prior_nll_per_dim", "sigma_rgb", "lr", "grad_norm", "examples_per_s",
@@ -82,31 +80,6 @@ def data_fingerprint(cfg: Config) -> str:
 
 
 # ----------------------------------------------------------------------------- Ray set-up
-def _quiet_ray_env(local: bool) -> None:
-    """Environment read by Ray at import/init (ecosystem facts: console spam)."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    if local:  # a cluster's own auth / preemption settings are left alone
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-
-
-def _init_ray(address: str) -> bool:
-    """Connect to `address` or start a local Ray; returns True when this call started it."""
-    import ray
-    if ray.is_initialized():
-        return False
-    common = dict(log_to_driver=False, logging_level=logging.WARNING, configure_logging=True)
-    if address:
-        ray.init(address=address, **common)
-    else:
-        ray.init(include_dashboard=False, object_store_memory=256 * 1024 ** 2, **common)
-    logging.getLogger("ray").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
-    return True
-
-
 def _use_gpu(cfg: Config, local: bool) -> bool:
     if cfg.train.use_gpu in ("true", "false"):
         return cfg.train.use_gpu == "true"
@@ -129,7 +102,6 @@ def _train_fn(config: dict) -> None:
         torch.set_num_threads(config["threads"])
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     q = config["queue"]
-    kill = config.get("kill_worker")   # test hook: (rank, step, marker path)
 
     def reporter(metrics: dict, checkpoint_dir: str | None) -> None:
         ray.train.report(metrics, checkpoint=(Checkpoint.from_directory(checkpoint_dir)
@@ -138,10 +110,6 @@ def _train_fn(config: dict) -> None:
     def progress(row: dict) -> None:
         if rank == 0:
             q.put(row)
-        if kill and rank == kill[0] and row.get("step", 0) >= kill[1] \
-                and not os.path.exists(kill[2]):
-            Path(kill[2]).touch()
-            os.kill(os.getpid(), signal.SIGKILL)
 
     resume = ray.train.get_checkpoint()
     try:
@@ -223,8 +191,7 @@ class _Monitor(threading.Thread):
 
 
 # ----------------------------------------------------------------------------- the run
-def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None,
-         logged: set[int] = frozenset()):
+def _fit(cfg: Config, run_name: str, run_id: str, logged: set[int] = frozenset()):
     """TorchTrainer.fit(); returns (final checkpoint directory, steps logged to MLflow: `logged`
     before, by an interrupted process, plus those logged live now)."""
     import ray
@@ -234,10 +201,9 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None,
 
     t = cfg.train
     address = t.ray_address or os.environ.get("RAY_ADDRESS", "")
-    _quiet_ray_env(local=not address)
     main = threading.current_thread() is threading.main_thread()
     ours = signal.getsignal(signal.SIGTERM) if main else None
-    started = _init_ray(address)
+    started = init_ray(address)
     # ray.init replaces the SIGTERM handler (Python: sys.exit; its core worker's C++ one aborts
     # the driver); put ours (`sigterm_raises`: unwind, mark the run KILLED) back
     if main and ours is not None:
@@ -249,9 +215,7 @@ def _fit(cfg: Config, run_name: str, run_id: str, kill_worker: tuple | None,
         threads = max(1, int(cpus // t.num_workers)) if not address and not use_gpu else 0
         q = Queue(actor_options={"num_cpus": 0})
         run_dir = Path(t.storage_dir) / run_name
-        config = {"cfg": cfg.to_dict(), "queue": q, "threads": threads, "use_gpu": use_gpu,
-                  "kill_worker": (kill_worker[0], kill_worker[1], str(run_dir / KILL_MARKER))
-                  if kill_worker else None}
+        config = {"cfg": cfg.to_dict(), "queue": q, "threads": threads, "use_gpu": use_gpu}
         trainer = TorchTrainer(
             _train_fn, train_loop_config=config,
             scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
@@ -325,15 +289,12 @@ def summary_metrics(state: dict, wall_time_s: float, num_workers: int, run_id: s
 def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json",
                  curves_path: str | Path = "plots/train.csv",
                  samples_dir: str | Path = "plots/train_samples",
-                 kill_worker: tuple[int, int] | None = None,
                  tags: dict[str, str] | None = None) -> dict:
     """Train `cfg` with Ray Train and write every output of the `train` stage; returns the
     contents of `metrics/train.json` (plus `run_id`, `run_dir`, `checkpoint`).
 
     Relative paths resolve against the working copy (the directory holding dvc.yaml), the
-    Ray storage against `tracking.store_root()`. `tags` are added to a new MLflow run.
-    `kill_worker=(rank, step)` SIGKILLs that worker once when it reaches `step` (tests of
-    `FailureConfig`)."""
+    Ray storage against `tracking.store_root()`. `tags` are added to a new MLflow run."""
     start = time.time()
     root = tracking.project_root()
     cfg = absolute_paths(cfg, root, tracking.store_root())
@@ -357,7 +318,7 @@ def run_training(cfg: Config, *, metrics_path: str | Path = "metrics/train.json"
     else:
         try:
             with sigterm_raises():
-                checkpoint_path, logged = _fit(cfg, run_name, run_id, kill_worker, logged)
+                checkpoint_path, logged = _fit(cfg, run_name, run_id, logged)
         except BaseException as e:
             interrupted = isinstance(e, (KeyboardInterrupt, SystemExit))
             tracking.end_run(cfg, run_id, status="KILLED" if interrupted else "FAILED")

@@ -1,4 +1,4 @@
-"""MLflow tracking (DESIGN §6): one named run per training, one nested run per evaluation,
+"""MLflow tracking: one named run per training, one nested run per evaluation,
 params flat, per-step metrics, standard source tags and the DVC experiment, artifacts.
 
 Where things live:
@@ -36,6 +36,9 @@ TAG_DVC_EXP = "dvc.exp_name"                # `dvc exp run` experiment ("" outsi
 TAG_DVC_BASELINE = "dvc.baseline_rev"       # the git commit the experiment is based on
 TAG_SWEEP = "jetformer.sweep"               # sweep name, on a sweep's parent and trial runs
 TAG_ABLATION_TABLE = "jetformer.ablation_table"   # ablation table name, on its rows' runs
+TAG_ABLATION = "jetformer.ablation"         # an ablation point's row (`jetformer.ablate.ROWS`)
+TAG_SEED = "jetformer.seed"                 # an ablation point's seed
+TAG_TRIAL = "ray.trial_id"                  # a sweep trial's Ray Tune trial id
 TAG_TRAINING_RUN = "jetformer.training_run_id"    # on an evaluation run: the run it evaluates
 TAG_PARENT = "mlflow.parentRunId"
 TAG_GIT_COMMIT = "mlflow.source.git.commit"
