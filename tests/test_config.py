@@ -3,15 +3,37 @@
 import pytest
 import yaml
 
-from jetformer.config import (Config, ConfigError, config_from_dict, deep_merge, load_config,
-                              parse_override, REPO_ROOT)
+from jetformer.config import (REPO_ROOT, ConfigError, config_from_dict, deep_merge, flatten,
+                              load_config, parse_override, read_yaml)
 
 PARAMS = REPO_ROOT / "params.yaml"
 
 
-def test_params_yaml_matches_schema_defaults():
-    """params.yaml restates every default of the schema (no drift between file and code)."""
-    assert load_config(PARAMS).to_dict() == Config().to_dict()
+def test_params_yaml_states_every_key_of_the_schema():
+    """params.yaml is the one place a value lives: it names every key of the schema (but the
+    two question paths of COCO captions, which have none), and loading nothing else gives
+    exactly its values."""
+    stated = set(flatten(read_yaml(PARAMS)))
+    schema = set(load_config(None).flat())
+    assert schema - stated == {"data.coco.train_questions", "data.coco.val_questions"}
+    assert stated <= schema
+    assert load_config(None).to_dict() == load_config(PARAMS).to_dict() == load_config({}).to_dict()
+    partial = load_config({"train": {"steps": 7}})
+    assert partial.train.steps == 7 and partial.train.lr == load_config(None).train.lr
+
+
+def test_only_declared_rules_relate_keys():
+    """A stored config missing a key gets params.yaml's value; a word of FOLLOWS only where
+    declared (elsewhere it is a wrong value naming the key)."""
+    d = load_config(PARAMS).to_dict()
+    del d["train"]["noise"]["curriculum_frac"]
+    assert config_from_dict(d) == load_config(PARAMS)
+    with pytest.raises(ConfigError, match=r"train\.steps.*'quarter'"):
+        load_config(PARAMS, overrides=["train.steps=quarter"])
+    with pytest.raises(ConfigError, match=r"model\.factored_dims.*'all'.*model\.patch_size"):
+        load_config(PARAMS, overrides=["model.factored_dims=all", "model.patch_size=x"])
+    cfg = load_config(PARAMS, overrides=["train.flow_pretrain_steps=quarter", "train.steps=10"])
+    assert cfg.train.flow_pretrain_steps == 2
 
 
 def test_override_and_overlay_merge(tmp_path):
@@ -20,7 +42,7 @@ def test_override_and_overlay_merge(tmp_path):
     cfg = load_config(PARAMS, overlays=[ov], overrides=["train.lr=3e-4", "train.noise.sigma_final=1"])
     assert cfg.train.noise.sigma0 == 32.0 and isinstance(cfg.train.noise.sigma0, float)
     assert cfg.model.flow.width == 24
-    assert cfg.model.flow.num_couplings == Config().model.flow.num_couplings  # untouched sibling
+    assert cfg.model.flow.num_couplings == load_config(PARAMS).model.flow.num_couplings  # sibling
     assert cfg.train.lr == pytest.approx(3e-4)
     assert cfg.train.noise.sigma_final == 1.0
 
@@ -77,7 +99,7 @@ def test_parse_override_types():
 
 
 def test_checkpoint_config_with_the_legacy_zeroshot_key_still_loads():
-    d = Config().to_dict()
+    d = load_config(PARAMS).to_dict()
     del d["eval"]["zeroshot_prompts"]
     d["eval"]["zeroshot_prompt"] = "a {}"
     assert config_from_dict(d).eval.zeroshot_prompts == ["a {}"]
