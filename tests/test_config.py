@@ -38,8 +38,10 @@ def test_only_declared_rules_relate_keys():
 
 def test_override_and_overlay_merge(tmp_path):
     ov = tmp_path / "ov.yaml"
-    ov.write_text(yaml.safe_dump({"train": {"noise": {"sigma0": 32}}, "model": {"flow": {"width": 24}}}))
-    cfg = load_config(PARAMS, overlays=[ov], overrides=["train.lr=3e-4", "train.noise.sigma_final=1"])
+    ov.write_text(yaml.safe_dump({"train": {"noise": {"sigma0": 32}},
+                                  "model": {"flow": {"width": 24}}}))
+    cfg = load_config(PARAMS, overlays=[ov],
+                      overrides=["train.lr=3e-4", "train.noise.sigma_final=1"])
     assert cfg.train.noise.sigma0 == 32.0 and isinstance(cfg.train.noise.sigma0, float)
     assert cfg.model.flow.width == 24
     assert cfg.model.flow.num_couplings == load_config(PARAMS).model.flow.num_couplings  # sibling
