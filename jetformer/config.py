@@ -63,6 +63,8 @@ def _num(**bounds) -> Any:
     return Annotated[float, BeforeValidator(_number), Field(**bounds)]
 
 
+# Int / PosInt (> 0) / Count (>= 0): integers (no bool, no 2.0); Num / PosNum / NonNeg / Frac
+# ([0, 1]) / Decay ([0, 1)): finite floats; Str, Bool: exactly that YAML type.
 Int = Annotated[int, Field(strict=True)]
 PosInt = Annotated[int, Field(strict=True, gt=0)]
 Count = Annotated[int, Field(strict=True, ge=0)]
@@ -77,8 +79,8 @@ GpuChoice = Annotated[Literal["auto", "true", "false"],        # YAML reads true
 
 @typing.dataclass_transform()
 def section(cls: type) -> type:
-    """A section of params.yaml: a dataclass (no defaults: params.yaml holds the values) whose
-    unknown keys pydantic refuses."""
+    """A section of params.yaml: a dataclass whose unknown keys pydantic refuses. Its fields
+    have no defaults (params.yaml holds the values); `dataclasses.replace` does not validate."""
     cls.__pydantic_config__ = ConfigDict(extra="forbid")
     return dataclass(cls)
 
