@@ -84,9 +84,9 @@ class Selection:
 def default_tracking_uri() -> str:
     """The pipeline's own rule (`jetformer.train.tracking.tracking_uri`): `mlflow.tracking_uri`
     of ./params.yaml, else $MLFLOW_TRACKING_URI, else the project's SQLite file."""
-    from jetformer.config import Config, load_config
+    from jetformer.config import load_config
     from jetformer.train.tracking import tracking_uri
-    cfg = load_config("params.yaml") if Path("params.yaml").is_file() else Config()
+    cfg = load_config("params.yaml" if Path("params.yaml").is_file() else None)
     return tracking_uri(cfg)
 
 

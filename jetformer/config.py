@@ -1,28 +1,31 @@
 """Typed parameters: `params.yaml` + optional overlay files, validated before any compute.
 
-Config is plain data (big_vision style): nested dataclasses mirroring `params.yaml`.
-`load_config()` merges overlays (e.g. `experiments/presets/jetformer_l.yaml`,
-`experiments/ablations/no_flow.yaml`) and dotted overrides (`train.lr=3e-4`) onto the base
-file, then checks every key and type and the cross-field constraints. Any problem raises
-`ConfigError` naming the file, the key and the value.
+`params.yaml` (DVC owns it) is the one place a value lives; the classes below give each key its
+type and range (pydantic, next to the field) and the rules that tie keys together (`check`).
+`load_config()` layers the given params file, overlays (`experiments/presets/jetformer_l.yaml`,
+`experiments/ablations/no_flow.yaml`, ...) and dotted overrides (`train.lr=3e-4`) over the
+repository's `params.yaml`, so a partial file or an older checkpoint's dict gets the repository's
+values for what it lacks. Any problem raises `ConfigError` naming the file, the key and the value.
+The result is plain data (big_vision style): nested dataclasses mirroring `params.yaml`.
 """
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
-import operator
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = REPO_ROOT / "params.yaml"
 PRESETS_DIR = REPO_ROOT / "experiments" / "presets"
 ABLATIONS_DIR = REPO_ROOT / "experiments" / "ablations"
 
@@ -31,233 +34,339 @@ class ConfigError(ValueError):
     """A parameter is unknown, has the wrong type, or is inconsistent with another."""
 
 
+class _Broken(Exception):
+    """A cross-field rule failed: (key, value, message); the loader adds the file."""
+
+
+def _require(ok: bool, key: str, value: Any, msg: str) -> None:
+    if not ok:
+        raise _Broken(key, value, msg)
+
+
+# ----------------------------------------------------------------------------- field types
+def _number(v: Any) -> float:
+    """A finite float; YAML reads `1e-3` (no dot) as a string, so numeric strings count."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError("must be a number")
+    try:
+        v = float(v)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    except OverflowError:                       # an integer beyond the float range
+        raise ValueError("must be a finite number") from None
+    if not math.isfinite(v):
+        raise ValueError("must be a finite number")
+    return v
+
+
+def _num(**bounds) -> Any:
+    return Annotated[float, BeforeValidator(_number), Field(**bounds)]
+
+
+# Int / PosInt (> 0) / Count (>= 0): integers (no bool, no 2.0); Num / PosNum / NonNeg / Frac
+# ([0, 1]) / Decay ([0, 1)): finite floats; Str, Bool: exactly that YAML type.
+Int = Annotated[int, Field(strict=True)]
+PosInt = Annotated[int, Field(strict=True, gt=0)]
+Count = Annotated[int, Field(strict=True, ge=0)]
+Num, PosNum, NonNeg = _num(), _num(gt=0), _num(ge=0)
+Frac, Decay = _num(ge=0, le=1), _num(ge=0, lt=1)              # [0, 1] and [0, 1)
+Str = Annotated[str, Field(strict=True)]
+Bool = Annotated[bool, Field(strict=True)]
+Prompts = Annotated[list[Str], Field(strict=True, min_length=1)]
+GpuChoice = Annotated[Literal["auto", "true", "false"],        # YAML reads true/false as bools
+                      BeforeValidator(lambda v: str(v).lower() if isinstance(v, bool) else v)]
+
+
+@typing.dataclass_transform()
+def section(cls: type) -> type:
+    """A section of params.yaml: a dataclass whose unknown keys pydantic refuses. Its fields
+    have no defaults (params.yaml holds the values); `dataclasses.replace` does not validate."""
+    cls.__pydantic_config__ = ConfigDict(extra="forbid")
+    return dataclass(cls)
+
+
 # ----------------------------------------------------------------------------- schema
-@dataclass
+@section
 class SyntheticConfig:
-    """The embedded procedural "shapes" world (DESIGN §4)."""
-    out_dir: str = "data/raw/shapes"
-    num_train: int = 5000          # `dvc repro tokenizer` (generate+prepare+tokenizer) < 1 min on 2 cores
-    num_val: int = 500
-    seed: int = 0
-    min_side: int = 40          # raw images have random sizes in [min_side, max_side] ...
-    max_side: int = 96          # ... and random aspect ratios, so resize + crop matter
-    bad_files: bool = True      # write a handful of deliberately bad files per split
-    world: str = "shapes"       # shapes (flat colours) | photo (photo-crop backgrounds/textures)
+    """The embedded procedural "shapes" world (`jetformer.data.synthetic`)."""
+    out_dir: Str
+    num_train: PosInt
+    num_val: PosInt
+    seed: Int
+    min_side: Int                   # raw images have random sizes in [min_side, max_side]
+    max_side: Int
+    bad_files: Bool                 # a handful of deliberately bad files per split
+    world: Literal["shapes", "photo"]
+
+    def check(self) -> None:
+        _require(self.min_side <= self.max_side, "data.synthetic.min_side", self.min_side,
+                 f"must be <= data.synthetic.max_side={self.max_side}")
 
 
-@dataclass
+@section
 class SourcePaths:
     """Paths of a real source (COCO captions, VQAv2). Empty = unused."""
-    train_images: str = ""
-    val_images: str = ""
-    train_annotations: str = ""     # COCO captions JSON / VQAv2 annotations JSON
-    val_annotations: str = ""
-    train_questions: str = ""       # VQAv2 questions JSON
-    val_questions: str = ""
+    train_images: Str
+    val_images: Str
+    train_annotations: Str          # COCO captions JSON / VQAv2 annotations JSON
+    val_annotations: Str
+    # VQAv2 questions JSON; COCO captions have none, so params.yaml leaves them out there
+    train_questions: Str = ""
+    val_questions: Str = ""
 
 
-@dataclass
+@section
 class ImageFolderPaths:
     """An ImageFolder source (ImageNet layout `<root>/<class dir>/<image>`). `class_names`: a
     file naming the classes (`jetformer.data.classnames`): one name per line in class order,
     the ImageNet synset mapping (`n01440764 tench, Tinca tinca`) or a JSON {dir: name}."""
-    train_images: str = ""
-    val_images: str = ""
-    class_names: str = ""
+    train_images: Str
+    val_images: Str
+    class_names: Str
 
 
-@dataclass
+@section
 class RoleConfig:
-    """Which source feeds one role, and where its `prepare@<role>` output goes."""
-    source: str = "auto"            # auto | none | a source name (choices per role: ROLE_SOURCES)
-    prepared_dir: str = ""
+    """Which source feeds one role (auto | none | a source: ROLE_SOURCES), and where its
+    `prepare@<role>` output goes."""
+    source: Str
+    prepared_dir: Str
 
 
-def _role(name: str):
-    return field(default_factory=lambda: RoleConfig(prepared_dir=f"data/prepared/{name}"))
-
-
-@dataclass
+@section
 class RolesConfig:
     """The evaluation roles' data (paper §4: pretrain on image-text pairs or ImageNet, fine-tune
     and evaluate captioning on COCO, VQA on VQAv2, zero-shot classification on ImageNet, FID
     against a reference set). `auto` is resolved by `role_source`."""
-    caption: RoleConfig = _role("caption")
-    vqa: RoleConfig = _role("vqa")
-    zeroshot: RoleConfig = _role("zeroshot")
-    fid: RoleConfig = _role("fid")
+    caption: RoleConfig
+    vqa: RoleConfig
+    zeroshot: RoleConfig
+    fid: RoleConfig
 
 
-@dataclass
+@section
 class DataConfig:
-    source: str = "synthetic"       # the pretraining source: synthetic | imagefolder | coco
-    resolution: int = 32            # shorter side resized to this, then central crop
-    prepared_dir: str = "data/prepared/pretrain"   # the pretraining data (prepare@pretrain)
-    workers: int = 2                # parallel prepare processes
-    shard_size: int = 1000          # images per Arrow shard
-    max_bad_fraction: float = 0.05  # fail if more than this fraction of files is unreadable
-    min_image_side: int = 16        # files with a shorter side below this are skipped as broken
-    max_images: int = 0             # 0 = all; cap per split for quick runs
-    flip: bool = False              # random left-right flip in the loader (ImageNet recipe)
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    imagefolder: ImageFolderPaths = field(default_factory=ImageFolderPaths)
-    coco: SourcePaths = field(default_factory=SourcePaths)
-    vqav2: SourcePaths = field(default_factory=SourcePaths)
-    roles: RolesConfig = field(default_factory=RolesConfig)
+    source: Str                     # the pretraining source: PRETRAIN_SOURCES
+    resolution: PosInt              # shorter side resized to this, then central crop
+    prepared_dir: Str
+    workers: PosInt
+    shard_size: PosInt
+    max_bad_fraction: Frac          # fail if more than this fraction of files is unreadable
+    min_image_side: PosInt
+    max_images: Count               # 0 = all
+    flip: Bool
+    synthetic: SyntheticConfig
+    imagefolder: ImageFolderPaths
+    coco: SourcePaths
+    vqav2: SourcePaths
+    roles: RolesConfig
 
 
-@dataclass
+@section
 class TokenizerConfig:
-    vocab_size: int = 128
-    model_path: str = ""            # use this sentencepiece .model instead of training one
-    out_path: str = "models/tokenizer.model"
-    max_text_len: int = 24          # text tokens per sequence incl. EOS (pad/truncate)
+    vocab_size: PosInt
+    model_path: Str                 # a given sentencepiece .model ("" = train one)
+    out_path: Str
+    max_text_len: PosInt            # text tokens per sequence incl. EOS
 
 
-@dataclass
+@section
 class PCAConfig:
-    enabled: bool = False
-    num_images: int = 4000          # paper: 4,000 training images
-    out_path: str = "models/pca/pca.pt"   # its directory is the DVC output of fit_pca
+    enabled: Bool
+    num_images: Count
+    out_path: Str
 
 
-@dataclass
+@section
 class FlowConfig:
-    """Jet (paper §4 'Architecture'): channel-wise affine couplings, ViT blocks predict scale/shift."""
-    num_couplings: int = 32         # paper's depth; scale cap 2^(couplings/2) per dim (~9 bits needed)
-    width: int = 32
-    depth: int = 1                  # ViT blocks per coupling
-    num_heads: int = 2
-    mlp_dim: int = 64
-    dropout: float = 0.0
+    """Jet (paper §4 "Architecture"): channel-wise affine couplings, ViT blocks predict
+    scale/shift; the scale cap is 2^(couplings/2) per dim."""
+    num_couplings: Count
+    width: PosInt
+    depth: Count                    # ViT blocks per coupling
+    num_heads: PosInt
+    mlp_dim: PosInt
+    dropout: Frac
 
 
-@dataclass
+@section
 class DecoderConfig:
     """Gemma-style decoder (RMSNorm, RoPE, MQA, GeGLU)."""
-    width: int = 128
-    depth: int = 4
-    num_heads: int = 4
-    head_dim: int = 32
-    mlp_dim: int = 384
-    dropout: float = 0.1
-    rope_base: float = 10000.0
+    width: PosInt
+    depth: PosInt
+    num_heads: PosInt
+    head_dim: PosInt
+    mlp_dim: PosInt
+    dropout: Frac
+    rope_base: PosNum
+
+    def check(self) -> None:
+        _require(self.head_dim % 2 == 0, "model.decoder.head_dim", self.head_dim,
+                 "RoPE needs an even head_dim")
 
 
-@dataclass
+@section
 class ModelConfig:
-    patch_size: int = 4
-    factored_dims: int = 16         # d: dims per token modelled by the transformer
-    # post_flow (default) | learnable_w | pca | none | no_flow   (paper Table 2)
-    factoring: str = "post_flow"
-    conditioning: str = "text"      # text (multimodal) | class
-    num_classes: int = 0            # class-conditional only; 0 = read from the prepared data
-    num_class_tokens: int = 16
-    num_mixtures: int = 4           # K of the GMM head (paper 1024)
-    latent_noise_max: float = 0.3   # per-example sigma ~ U(0, max) on text-first rows
-    ema_decay: float = 0.0          # 0 = no EMA
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    patch_size: PosInt
+    factored_dims: Int              # d: dims per token modelled by the transformer
+    factoring: Literal["post_flow", "learnable_w", "pca", "none", "no_flow"]  # paper Table 2
+    conditioning: Literal["text", "class"]
+    num_classes: Count              # class-conditional only; 0 = read from the prepared data
+    num_class_tokens: PosInt
+    num_mixtures: PosInt            # K of the GMM head
+    latent_noise_max: NonNeg        # per-example sigma ~ U(0, max) on text-first rows
+    ema_decay: Decay                # 0 = no EMA
+    flow: FlowConfig
+    decoder: DecoderConfig
+
+    def check(self) -> None:
+        d, f, dims = self.factored_dims, self.flow, 3 * self.patch_size ** 2
+        key = "model.factored_dims"
+        _require(0 < d <= dims, key, d, f"must be in [1, 3*patch_size^2 = {dims}]")
+        _require(self.factoring not in ("none", "no_flow") or d == dims, key, d,
+                 f"factoring='{self.factoring}' models all dims: must equal "
+                 f"3*patch_size^2 = {dims}")
+        _require(self.factoring not in ("learnable_w", "pca") or d >= 2, key, d,
+                 f"factoring='{self.factoring}' runs the flow on d dims: needs d >= 2")
+        if self.factoring != "no_flow":
+            _require(f.num_couplings > 0, "model.flow.num_couplings", f.num_couplings,
+                     "a flow needs at least one coupling")
+            _require(f.width % f.num_heads == 0, "model.flow.width", f.width,
+                     f"must be divisible by model.flow.num_heads={f.num_heads}")
+        self.decoder.check()
 
 
-@dataclass
+@section
 class NoiseConfig:
-    """RGB noise curriculum (paper §3.2): sigma_t = final + (sigma0 - final)(1 + cos(pi t))/2."""
-    sigma0: float = 16.0
-    sigma_final: float = 0.0
-    curriculum_frac: float = 0.75   # fraction of training over which sigma decays (then stays final)
+    """RGB noise curriculum (paper §3.2): sigma_t = final + (sigma0 - final)(1 + cos(pi t))/2
+    over the first `curriculum_frac` of training, then final."""
+    sigma0: NonNeg
+    sigma_final: NonNeg
+    curriculum_frac: Frac
+
+    def check(self) -> None:
+        _require(self.sigma_final <= self.sigma0, "train.noise.sigma_final", self.sigma_final,
+                 f"must be <= train.noise.sigma0={self.sigma0}")
 
 
-@dataclass
+@section
 class TrainConfig:
-    task: str = "both"              # t2i | i2t | both (multimodal) | class (class-conditional)
-    steps: int = 1500
-    batch_size: int = 32            # global batch, split across workers
-    lr: float = 1e-3
-    flow_lr_scale: float = 8.0      # the flow's (codec's) learning rate = lr x this
-    warmup_frac: float = 0.1
-    weight_decay: float = 1e-4      # decoupled, NOT scaled by lr (official code)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    text_loss_weight: float = 0.0025
-    cfg_drop_prob: float = 0.1      # condition replaced by [NOLABEL]
-    flow_pretrain_steps: int = 0    # >0: two-stage ablation (flow alone vs N(0,I), then frozen)
-    seed: int = 0
-    checkpoint_every: int = 250
-    log_every: int = 10
-    sample_every: int = 0           # 0 = only at the end
-    sample_prompts: int = 8         # val captions/classes in each training sample grid (rows)
-    sample_cfg_scale: float = 2.0   # CFG guidance of the training sample grids
-    sample_temperature: float = 0.95
-    val_images: int = 256           # val images for the val bits/dim / text NLL at checkpoints
-    num_workers: int = 2
-    loader_workers: int = 0         # DataLoader processes per training worker (0 = in-process)
-    loader_prefetch: int = 2        # batches in flight per loader process
-    compile: bool = False           # torch.compile the loss (forward + backward)
-    use_gpu: str = "auto"           # auto | true | false
-    ray_address: str = ""           # "" = $RAY_ADDRESS or a local Ray
-    max_failures: int = 2
-    storage_dir: str = ".ray_runs"  # Ray run dirs live outside DVC outs so resume works
-    out_dir: str = "models/checkpoint"
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    task: Literal["t2i", "i2t", "both", "class"]
+    steps: PosInt
+    batch_size: PosInt              # global batch, split across workers
+    lr: PosNum
+    flow_lr_scale: PosNum           # the flow's (codec's) learning rate = lr x this
+    warmup_frac: Frac
+    weight_decay: NonNeg            # decoupled, NOT scaled by lr (big_vision's AdamW)
+    beta1: Decay
+    beta2: Decay
+    grad_clip: NonNeg
+    text_loss_weight: NonNeg
+    cfg_drop_prob: Frac             # condition replaced by [NOLABEL]
+    flow_pretrain_steps: Count      # >0: two-stage ablation (flow alone vs N(0,I), then frozen)
+    seed: Int
+    checkpoint_every: PosInt
+    log_every: PosInt
+    sample_every: Count             # 0 = only at the end
+    sample_prompts: Count
+    sample_cfg_scale: NonNeg
+    sample_temperature: PosNum
+    val_images: Count
+    num_workers: PosInt
+    loader_workers: Count           # DataLoader processes per training worker (0 = in-process)
+    loader_prefetch: PosInt
+    compile: Bool
+    use_gpu: GpuChoice
+    ray_address: Str                # "" = $RAY_ADDRESS or a local Ray
+    max_failures: Count
+    storage_dir: Str
+    out_dir: Str
+    noise: NoiseConfig
+
+    def check(self) -> None:
+        _require(self.batch_size % self.num_workers == 0, "train.batch_size", self.batch_size,
+                 f"global batch must be divisible by train.num_workers={self.num_workers}")
+        _require(self.flow_pretrain_steps < self.steps, "train.flow_pretrain_steps",
+                 self.flow_pretrain_steps, f"must be < train.steps={self.steps}")
+        self.noise.check()
 
 
-@dataclass
+@section
 class MLflowConfig:
-    tracking_uri: str = ""          # "" = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
-    experiment: str = "jetformer"
-    run_name: str = ""              # "" = derived from the config hash
+    tracking_uri: Str               # "" = $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlflow.db
+    experiment: Str
+    run_name: Str                   # "" = derived from the config hash
 
 
-@dataclass
+@section
 class EvalConfig:
-    num_samples: int = 300          # generated images for FID/PR/KID and attribute accuracy
-    cfg_scale: float = 2.0
-    temperature: float = 0.95
-    # text-to-image sampling settings of the size (paper App. C / official T2I configs); the
-    # coco_t2i/coco_ti recipes set cfg_scale/temperature to these, so the size preset wins
-    t2i_cfg_scale: float = 9.0
-    t2i_temperature: float = 0.96
-    batch_size: int = 50
-    judge_steps: int = 300
-    judge_min_accuracy: float = 0.95
-    judge_path: str = ""             # domain judge of ablate/sweep ("" = models/judge.pt, the
-                                     # judge stage's output); e.g. a photo-world judge
-    feature_extractor: str = "auto"  # auto (domain for synthetic, inception otherwise) | domain | inception
-    inception_weights: str = ""      # path to torch-fidelity inception weights, "" = download
-    finetune_steps: int = 200        # captioning / VQA fine-tuning
-    finetune_lr: float = 3e-4
-    max_decode_len: int = 24
-    num_nll_images: int = 300
-    class_prompt: str = "a {}"       # text asking a multimodal model for a class sample
-    # zero-shot: class score = log sum over these templates of p(template(name) | image)
-    zeroshot_prompts: list[str] = dataclasses.field(default_factory=lambda: [  # paper: ["{}"]
-        f"a {c} {{}}" for c in ("red", "green", "blue", "yellow", "purple", "white")])
+    num_samples: Count              # generated images for FID/PR/KID and attribute accuracy
+    cfg_scale: NonNeg
+    temperature: PosNum
+    t2i_cfg_scale: Num              # the size's text-to-image settings (paper App. C)
+    t2i_temperature: Num
+    batch_size: PosInt
+    judge_steps: Count
+    judge_min_accuracy: Frac
+    judge_path: Str                 # domain judge of ablate/sweep ("" = models/judge.pt)
+    feature_extractor: Literal["auto", "domain", "inception"]
+    inception_weights: Str          # torch-fidelity inception weights, "" = download
+    finetune_steps: Count           # captioning / VQA fine-tuning
+    finetune_lr: PosNum
+    max_decode_len: PosInt
+    num_nll_images: Count
+    class_prompt: Str               # text asking a multimodal model for a class sample
+    zeroshot_prompts: Prompts       # class score = log sum_t p(template_t(name) | image)
+
+    def check(self) -> None:
+        for key, templates in (("eval.class_prompt", [self.class_prompt]),
+                               ("eval.zeroshot_prompts", self.zeroshot_prompts)):
+            for text in templates:
+                _require(text.count("{}") == 1, key, text,
+                         "must contain '{}' exactly once (where the class name goes)")
 
 
-@dataclass
+@section
 class TuneConfig:
-    num_samples: int = 1
-    max_concurrent_trials: int = 2
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0.0
-    storage_dir: str = ".ray_tune"
+    num_samples: PosInt
+    max_concurrent_trials: PosInt
+    cpus_per_trial: PosInt
+    gpus_per_trial: NonNeg
+    storage_dir: Str
 
 
-@dataclass
+@section
 class Config:
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    pca: PCAConfig = field(default_factory=PCAConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    seed: Int
+    data: DataConfig
+    tokenizer: TokenizerConfig
+    pca: PCAConfig
+    model: ModelConfig
+    train: TrainConfig
+    mlflow: MLflowConfig
+    eval: EvalConfig
+    tune: TuneConfig
 
-    # -- helpers
+    def check(self) -> None:
+        """The rules between sections (each section's own rules: its `check`)."""
+        m, t = self.model, self.train
+        self.data.synthetic.check()
+        m.check()
+        t.check()
+        self.eval.check()
+        res, p = self.data.resolution, m.patch_size
+        _require(res % p == 0, "data.resolution", res,
+                 f"image size must be divisible by model.patch_size={p}")
+        _require(m.factoring != "no_flow" or not t.flow_pretrain_steps,
+                 "train.flow_pretrain_steps", t.flow_pretrain_steps,
+                 "two-stage training needs a flow (model.factoring != no_flow)")
+        _require(m.factoring != "pca" or self.pca.enabled, "pca.enabled", self.pca.enabled,
+                 "model.factoring='pca' needs the fit_pca stage (pca.enabled: true)")
+        _require((t.task == "class") == (m.conditioning == "class"), "train.task", t.task,
+                 f"task '{t.task}' does not match model.conditioning '{m.conditioning}' "
+                 "(use task 'class' exactly with conditioning 'class')")
+        _check_roles(self.data, m.conditioning)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -333,24 +442,82 @@ def role_prepared_dir(d: DataConfig, role: str) -> str:
     return d.prepared_dir if role == "pretrain" else getattr(d.roles, role).prepared_dir
 
 
-def role_config(cfg: "Config", role: str) -> "Config":
+def role_config(cfg: Config, role: str) -> Config:
     """`cfg` with `data.source` / `data.prepared_dir` set to `role`'s (what `prepare` reads)."""
     data = dataclasses.replace(cfg.data, source=role_source(cfg.data, role),
                                prepared_dir=role_prepared_dir(cfg.data, role))
     return dataclasses.replace(cfg, data=data)
 
 
-VALID_CHOICES = {
-    "data.synthetic.world": ("shapes", "photo"),
-    "model.factoring": ("post_flow", "learnable_w", "pca", "none", "no_flow"),
-    "model.conditioning": ("text", "class"),
-    "train.task": ("t2i", "i2t", "both", "class"),
-    "train.use_gpu": ("auto", "true", "false"),
-    "eval.feature_extractor": ("auto", "domain", "inception"),
+def _check_roles(d: DataConfig, conditioning: str) -> None:
+    """Sources per role: each role's source must hold what its stages need (paper §4 setup)."""
+    _require(d.source != "vqav2", "data.source", d.source,
+             "VQAv2 holds questions, no captions or labels, so it cannot be the pretraining "
+             "source; pretrain on synthetic | coco (text) or imagefolder (class) and set "
+             "data.roles.vqa.source=vqav2 for the VQA fine-tune and evaluation")
+    _require(d.source in PRETRAIN_SOURCES, "data.source", d.source,
+             f"the pretraining source must be one of {list(PRETRAIN_SOURCES)}")
+    need = "captions" if conditioning == "text" else "labels"
+    fix = "coco or synthetic" if need == "captions" else "imagefolder or synthetic"
+    _require(need in SOURCE_PROVIDES[d.source], "data.source", d.source,
+             f"a {conditioning}-conditioned model (model.conditioning={conditioning!r}) "
+             f"pretrains on images with {need}; '{d.source}' has none (use {fix})")
+    dirs = {"data.prepared_dir": d.prepared_dir}
+    for role, choices in ROLE_SOURCES.items():
+        r, key = getattr(d.roles, role), f"data.roles.{role}"
+        allowed = ("auto", "none", *choices) if role != "fid" else ("auto", *choices)
+        _require(r.source in allowed, f"{key}.source", r.source,
+                 f"must be one of {list(allowed)}")
+        _require(bool(r.prepared_dir), f"{key}.prepared_dir", r.prepared_dir,
+                 f"must be set (where prepare@{role} writes)")
+        clash = [k for k, v in dirs.items() if Path(v) == Path(r.prepared_dir)]
+        _require(not clash, f"{key}.prepared_dir", r.prepared_dir,
+                 f"must differ from {clash[0] if clash else ''}")
+        dirs[f"{key}.prepared_dir"] = r.prepared_dir
+    fid, zeroshot = role_source(d, "fid"), role_source(d, "zeroshot")
+    _require(conditioning != "class" or fid == d.source, "data.roles.fid.source",
+             d.roles.fid.source, f"class samples follow the reference set's labels: a "
+             f"class-conditional model needs the pretraining source '{d.source}' there")
+    reads = zeroshot == "imagefolder" or (conditioning == "text" and fid == "imagefolder")
+    role = "zeroshot" if zeroshot == "imagefolder" else "fid"
+    _require(not reads or bool(d.imagefolder.class_names), "data.imagefolder.class_names",
+             d.imagefolder.class_names, f"data.roles.{role} reads the ImageFolder source and "
+             "scores/prompts class names, but its directories are ids (ImageNet: n01443537): "
+             "set a class-name file (e.g. ImageNet's LOC_synset_mapping.txt)")
+
+
+# ----------------------------------------------------------------------------- keys that follow
+# A word an overlay may write instead of a number, for a key that follows another key. It is
+# resolved once every overlay and override is merged, so an ablation follows the preset beneath
+# it and any --set (two_stage under `--set train.steps=2000` pretrains the flow 500 steps).
+FOLLOWS = {  # key: (word, the key it follows, the value from that key's)
+    "model.factored_dims": ("all", "model.patch_size", lambda p: 3 * p ** 2),   # all 3p^2 dims
+    "train.flow_pretrain_steps": ("quarter", "train.steps", lambda s: s // 4),
+    "train.noise.sigma0": ("sigma_final", "train.noise.sigma_final", lambda s: s),
+    "eval.cfg_scale": ("t2i", "eval.t2i_cfg_scale", lambda s: s),
+    "eval.temperature": ("t2i", "eval.t2i_temperature", lambda s: s),
 }
 
 
-# ----------------------------------------------------------------------------- building
+def resolve_follows(merged: dict) -> dict:
+    """`merged` with each word of FOLLOWS replaced by its value."""
+    flat, out = flatten(merged), copy.deepcopy(merged)
+    for key, (word, ref, value_of) in FOLLOWS.items():
+        if flat.get(key) != word:
+            continue
+        v = flat.get(ref)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"key '{key}' = {word!r} follows '{ref}', which must be a number, "
+                              f"got {v!r}")
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node[p]
+        node[leaf] = value_of(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- loading
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -362,89 +529,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _check_value(value: Any, tp: Any, key: str, source: str) -> Any:
-    """Coerce/verify one leaf value against its annotated type."""
-    def bad(expected: str):
-        return ConfigError(f"{source}: key '{key}' expects {expected}, got {value!r} "
-                           f"({type(value).__name__})")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise bad("a boolean (true/false)")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML reads "1e-3" as a string
-            try:
-                value = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("a number")
-        try:
-            value = float(value)
-        except OverflowError:       # an integer beyond the float range
-            raise bad("a finite number") from None
-        if not math.isfinite(value):
-            raise bad("a finite number")
-        return value
-    if typing.get_origin(tp) is list and typing.get_args(tp) == (str,):
-        if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-            raise bad("a non-empty list of strings")
-        return list(value)
-    if tp is str:
-        if isinstance(value, bool) and key == "train.use_gpu":  # YAML true/false
-            return "true" if value else "false"
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    raise ConfigError(f"{source}: unsupported type for '{key}'")  # schema bug
-
-
-def _build(cls, data: Any, prefix: str, source: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: section '{prefix.rstrip('.') or '<root>'}' must be a mapping, "
-                          f"got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names, key=repr)   # keys may be ints, None, ... in YAML
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
-                          f"(valid keys in '{prefix.rstrip('.') or '<root>'}': {sorted(names)})")
-    kwargs = {}
-    for name in names:
-        if name not in data:
-            continue
-        tp, key = hints[name], prefix + name
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, data[name], key + ".", source)
-        else:
-            kwargs[name] = _check_value(data[name], tp, key, source)
-    return cls(**kwargs)
-
-
-def _check_keys(overlay: dict, cls, prefix: str, source: str) -> None:
-    """Fail on overlay keys that do not exist in the schema (before merging)."""
-    _build(cls, _strip_leaves(overlay, cls), prefix, source)
-
-
-def _strip_leaves(d: dict, cls) -> dict:
-    # keep structure (to detect unknown keys) but check leaves later, after merging
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for k, v in d.items():
-        tp = hints.get(k)
-        if tp is not None and dataclasses.is_dataclass(tp) and isinstance(v, dict):
-            out[k] = _strip_leaves(v, tp)
-        elif tp in (int, float) and is_derived(v):
-            out[k] = tp(0)  # a derived value: its type is checked once it is computed
-        else:
-            out[k] = v
-    return out
+def flat_get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
 
 
 def deep_merge(base: dict, overlay: dict) -> dict:
@@ -455,125 +544,6 @@ def deep_merge(base: dict, overlay: dict) -> dict:
         else:
             out[k] = copy.deepcopy(v)
     return out
-
-
-# ----------------------------------------------------------------------------- derived values
-def _bounded_pow(a, b):
-    """`a ** b`, refusing integer powers beyond 1000 bits (`10 ** 10 ** 10` would not end)."""
-    if isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0 \
-            and b * abs(a).bit_length() > 1000:
-        raise OverflowError(f"{a} ** {b} is too large")
-    return a ** b
-
-
-_DERIVED_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
-                ast.Div: operator.truediv, ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod,
-                ast.Pow: _bounded_pow, ast.USub: operator.neg, ast.UAdd: operator.pos}
-_DERIVED_FUNCS = {"min": min, "max": max, "round": round, "int": int}
-
-
-def is_derived(value: Any) -> bool:
-    return isinstance(value, str) and value.lstrip().startswith("=")
-
-
-def _leaf_types(cls, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for name, tp in typing.get_type_hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            out.update(_leaf_types(tp, f"{prefix}{name}."))
-        else:
-            out[f"{prefix}{name}"] = tp
-    return out
-
-
-def resolve_derived(merged: dict) -> dict:
-    """Compute derived values once every overlay is merged, so an overlay can depend on the
-    preset beneath it. A number written as `"= <expression>"` is computed from other keys:
-    `factored_dims: "= 3 * model.patch_size ** 2"` (no factoring: all 3p^2 dims, whatever p),
-    `flow_pretrain_steps: "= train.steps // 4"`. Expressions use numbers, dotted keys (possibly
-    derived themselves), + - * / // % ** and min/max/round/int."""
-    types = _leaf_types(Config)
-    flat_all = flatten(deep_merge(Config().to_dict(), merged))
-    resolved: dict[str, Any] = {}
-
-    def value_of(key: str, stack: tuple[str, ...]) -> Any:
-        if key not in flat_all:
-            raise ConfigError(f"derived value of '{stack[-1]}' refers to unknown key '{key}'")
-        value = flat_all[key]
-        if types.get(key) not in (int, float) or not is_derived(value):
-            return value
-        if key in stack:
-            raise ConfigError(f"derived values form a cycle: {' -> '.join(stack + (key,))}")
-        if key not in resolved:
-            resolved[key] = _eval_derived(key, value, lambda k: value_of(k, stack + (key,)),
-                                          types[key])
-        return resolved[key]
-
-    for key in flat_all:
-        value_of(key, ())
-    out = copy.deepcopy(merged)
-    for key, value in resolved.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return out
-
-
-def _eval_derived(key: str, text: str, lookup, tp) -> int | float:
-    expr = text.lstrip()[1:].strip()
-
-    def fail(msg: str):
-        return ConfigError(f"key '{key}' = {text!r}: {msg}")
-
-    def dotted(node) -> str | None:
-        if isinstance(node, ast.Name):
-            return node.id
-        if isinstance(node, ast.Attribute):
-            head = dotted(node.value)
-            return None if head is None else f"{head}.{node.attr}"
-        return None
-
-    def ev(node):
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _DERIVED_OPS:
-            return _DERIVED_OPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _DERIVED_OPS:
-            return _DERIVED_OPS[type(node.op)](ev(node.operand))
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in _DERIVED_FUNCS and not node.keywords):
-            return _DERIVED_FUNCS[node.func.id](*[ev(a) for a in node.args])
-        name = dotted(node)
-        if name is not None:
-            v = lookup(name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise fail(f"'{name}' = {v!r} is not a number")
-            return v
-        raise fail(f"unsupported expression {ast.unparse(node)!r} (numbers, dotted keys, "
-                   "+ - * / // % **, min/max/round/int)")
-
-    try:
-        result = ev(ast.parse(expr, mode="eval").body)
-    except SyntaxError:
-        raise fail("not a valid expression") from None
-    except (ArithmeticError, TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise fail(str(e)) from None
-    if isinstance(result, complex) or (isinstance(result, int) and result.bit_length() > 1000):
-        raise fail("evaluates to a complex or too large number")
-    if not math.isfinite(result):
-        raise fail(f"evaluates to {result}, not a finite number")
-    if tp is int:
-        if isinstance(result, float) and not result.is_integer():
-            raise fail(f"evaluates to {result}, but the key expects an integer")
-        return int(result)
-    try:
-        return float(result)
-    except OverflowError:
-        raise fail("evaluates to a number beyond the float range") from None
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -621,31 +591,87 @@ def resolve_overlay(name_or_path: str | Path) -> Path:
         cand = d / f"{name_or_path}.yaml"
         if cand.is_file():
             return cand
-    known = sorted(x.stem for d in (PRESETS_DIR, ABLATIONS_DIR) if d.is_dir() for x in d.glob("*.yaml"))
+    known = sorted(x.stem for d in (PRESETS_DIR, ABLATIONS_DIR) if d.is_dir()
+                   for x in d.glob("*.yaml"))
     raise ConfigError(f"unknown preset/ablation {str(name_or_path)!r}; known: {known}")
+
+
+def _check_keys(data: Any, cls: type, source: str, prefix: str = "") -> dict:
+    """One file's keys against the schema, before merging (so the error names the file); an
+    empty section (`train:`) changes nothing."""
+    where = prefix.rstrip(".") or "<root>"
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{where}' must be a mapping, got {data!r}")
+    types = _field_types(cls)
+    unknown = sorted(set(data) - set(types), key=repr)       # YAML keys may be ints, None, ...
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' "
+                          f"(valid keys in '{where}': {sorted(types)})")
+    return {k: _check_keys(v, types[k], source, f"{prefix}{k}.")
+            if dataclasses.is_dataclass(types[k]) else v for k, v in data.items()}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_defaults(path: Path, stamp: tuple) -> dict:
+    return _check_keys(read_yaml(path), Config, str(path))
+
+
+def _defaults() -> dict:
+    """The repository's params.yaml, where every default lives (re-read when it changes)."""
+    if not DEFAULTS.is_file():
+        return {}
+    st = DEFAULTS.stat()
+    return _read_defaults(DEFAULTS, (st.st_mtime_ns, st.st_size))
+
+
+@functools.cache
+def _adapter() -> TypeAdapter:
+    return TypeAdapter(Config)
+
+
+def _build(merged: dict, source: str) -> Config:
+    """Types and ranges (pydantic), then the cross-field rules; errors name file, key, value."""
+    try:
+        cfg = _adapter().validate_python(merged)
+        cfg.check()
+        return cfg
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if isinstance(p, str))
+        if err["type"] == "missing":
+            raise ConfigError(f"{source}: key '{key}' is missing (params.yaml states every "
+                              "key)") from None
+        msg = err["msg"].replace("Input should be", "must be").removeprefix("Value error, ")
+        raise ConfigError(f"{source}: key '{key}' = {err['input']!r}: {msg}") from None
+    except _Broken as e:
+        key, value, msg = e.args
+        raise ConfigError(f"{source}: key '{key}' = {value!r}: {msg}") from None
 
 
 def load_config_dict(params: str | Path | dict | None = "params.yaml",
                      overlays: typing.Sequence[str | Path] = (),
                      overrides: typing.Sequence[str] = ()) -> dict:
-    """The merged raw dict (keys checked per overlay, leaves not yet validated)."""
-    if params is None:
-        merged: dict = {}
-    elif isinstance(params, dict):
-        merged = copy.deepcopy(params)
-    else:
-        merged = read_yaml(params)
-    _check_keys(merged, Config, "", str(params) if not isinstance(params, dict) else "<params>")
+    """The merged raw dict: the repository's params.yaml, then `params` (a file, a dict, or
+    None for nothing more), overlays and overrides, each file's keys checked, FOLLOWS words
+    resolved; leaves not yet validated."""
+    layers = [] if params is None else [
+        (copy.deepcopy(params), "<params>") if isinstance(params, dict)
+        else (read_yaml(params), str(params))]
     for ov in overlays:
         path = resolve_overlay(ov)
-        data = read_yaml(path)
-        _check_keys(data, Config, "", str(path))
-        merged = deep_merge(merged, data)
-    for text in overrides:
-        data = parse_override(text)
-        _check_keys(data, Config, "", f"override {text!r}")
-        merged = deep_merge(merged, data)
-    return resolve_derived(merged)
+        layers.append((read_yaml(path), str(path)))
+    layers += [(parse_override(text), f"override {text!r}") for text in overrides]
+    merged = _defaults()
+    for data, source in layers:
+        merged = deep_merge(merged, _check_keys(data, Config, source))
+    return resolve_follows(merged)
 
 
 def load_config(params: str | Path | dict | None = "params.yaml",
@@ -653,12 +679,10 @@ def load_config(params: str | Path | dict | None = "params.yaml",
                 overrides: typing.Sequence[str] = ()) -> Config:
     """Load, merge and validate. Raises ConfigError naming the key and value on any problem."""
     merged = load_config_dict(params, overlays, overrides)
-    source = str(params) if isinstance(params, (str, Path)) else "<params>"
+    source = "<params>" if isinstance(params, dict) else str(params or DEFAULTS)
     if overlays or overrides:
         source += " + " + ", ".join([str(o) for o in overlays] + list(overrides))
-    cfg = _build(Config, merged, "", source)
-    validate(cfg, source)
-    return cfg
+    return _build(merged, source)
 
 
 def _upgrade(d: dict) -> dict:
@@ -673,145 +697,5 @@ def _upgrade(d: dict) -> dict:
 
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from `Config.to_dict()` output (e.g. stored in a checkpoint)."""
-    cfg = _build(Config, _upgrade(d), "", "<dict>")
-    validate(cfg, "<dict>")
-    return cfg
-
-
-# ----------------------------------------------------------------------------- validation
-def validate(cfg: Config, source: str = "<params>") -> None:
-    flat = cfg.flat()
-
-    def fail(key: str, msg: str):
-        raise ConfigError(f"{source}: key '{key}' = {flat.get(key)!r}: {msg}")
-
-    for key, choices in VALID_CHOICES.items():
-        if flat[key] not in choices:
-            fail(key, f"must be one of {list(choices)}")
-    _validate_data(cfg, fail)
-
-    positive_int = ["data.resolution", "data.workers", "data.shard_size", "tokenizer.vocab_size",
-                    "tokenizer.max_text_len", "model.patch_size", "model.num_class_tokens",
-                    "model.num_mixtures", "model.flow.width", "model.flow.num_heads",
-                    "model.flow.mlp_dim", "model.decoder.width", "model.decoder.depth",
-                    "model.decoder.num_heads", "model.decoder.head_dim", "model.decoder.mlp_dim",
-                    "train.steps", "train.batch_size", "train.num_workers", "train.checkpoint_every",
-                    "train.loader_prefetch",
-                    "train.log_every", "eval.batch_size", "eval.max_decode_len",
-                    "data.synthetic.num_train", "data.synthetic.num_val", "data.min_image_side", "tune.cpus_per_trial",
-                    "tune.max_concurrent_trials", "tune.num_samples"]
-    for key in positive_int:
-        if flat[key] <= 0:
-            fail(key, "must be > 0")
-    non_negative = ["model.flow.num_couplings", "model.flow.depth", "model.num_classes",
-                    "model.ema_decay", "model.latent_noise_max", "train.flow_pretrain_steps",
-                    "train.max_failures", "train.sample_every", "train.sample_prompts", "train.val_images",
-                    "train.sample_cfg_scale", "train.noise.sigma0", "train.loader_workers",
-                    "train.noise.sigma_final", "train.weight_decay", "train.grad_clip",
-                    "data.max_images", "eval.num_samples", "eval.cfg_scale", "eval.judge_steps",
-                    "eval.finetune_steps", "eval.num_nll_images", "pca.num_images",
-                    "train.text_loss_weight", "tune.gpus_per_trial"]
-    for key in non_negative:
-        if flat[key] < 0:
-            fail(key, "must be >= 0")
-    for key in ["train.lr", "train.flow_lr_scale", "train.sample_temperature", "eval.temperature", "eval.finetune_lr", "model.decoder.rope_base"]:
-        if not flat[key] > 0:
-            fail(key, "must be > 0")
-    for key in ["train.warmup_frac", "train.cfg_drop_prob", "data.max_bad_fraction",
-                "model.flow.dropout", "model.decoder.dropout", "train.noise.curriculum_frac",
-                "eval.judge_min_accuracy"]:
-        if not 0.0 <= flat[key] <= 1.0:
-            fail(key, "must be in [0, 1]")
-    for key in ["model.ema_decay", "train.beta1", "train.beta2"]:
-        if not 0.0 <= flat[key] < 1.0:
-            fail(key, "must be in [0, 1)")
-
-    m, d, t = cfg.model, cfg.data, cfg.train
-    if d.resolution % m.patch_size:
-        fail("data.resolution", f"image size must be divisible by model.patch_size={m.patch_size}")
-    if m.factored_dims <= 0 or m.factored_dims > 3 * m.patch_size ** 2:
-        fail("model.factored_dims", f"must be in [1, 3*patch_size^2 = {3 * m.patch_size ** 2}]")
-    if m.factoring in ("none", "no_flow") and m.factored_dims != 3 * m.patch_size ** 2:
-        fail("model.factored_dims", f"factoring='{m.factoring}' models all dims: must equal "
-             f"3*patch_size^2 = {3 * m.patch_size ** 2}")
-    if m.factoring in ("learnable_w", "pca") and m.factored_dims < 2:
-        fail("model.factored_dims", f"factoring='{m.factoring}' runs the flow on d dims: needs d >= 2")
-    if m.factoring == "no_flow" and t.flow_pretrain_steps:
-        fail("train.flow_pretrain_steps", "two-stage training needs a flow (model.factoring != no_flow)")
-    if m.factoring == "pca" and not cfg.pca.enabled:
-        fail("pca.enabled", "model.factoring='pca' needs the fit_pca stage (pca.enabled: true)")
-    if m.factoring != "no_flow":
-        if m.flow.num_couplings <= 0:
-            fail("model.flow.num_couplings", "a flow needs at least one coupling")
-        if m.flow.width % m.flow.num_heads:
-            fail("model.flow.width", f"must be divisible by model.flow.num_heads={m.flow.num_heads}")
-    if m.decoder.width % m.decoder.num_heads and m.decoder.num_heads * m.decoder.head_dim <= 0:
-        fail("model.decoder.width", "inconsistent with num_heads")
-    if m.decoder.head_dim % 2:
-        fail("model.decoder.head_dim", "RoPE needs an even head_dim")
-    if (t.task == "class") != (m.conditioning == "class"):
-        fail("train.task", f"task '{t.task}' does not match model.conditioning '{m.conditioning}' "
-             "(use task 'class' exactly with conditioning 'class')")
-    if t.batch_size % t.num_workers:
-        fail("train.batch_size", f"global batch must be divisible by train.num_workers={t.num_workers}")
-    if t.flow_pretrain_steps >= t.steps:
-        fail("train.flow_pretrain_steps", f"must be < train.steps={t.steps}")
-    if t.noise.sigma_final > t.noise.sigma0:
-        fail("train.noise.sigma_final", f"must be <= train.noise.sigma0={t.noise.sigma0}")
-    for key, templates in (("eval.class_prompt", [cfg.eval.class_prompt]),
-                           ("eval.zeroshot_prompts", cfg.eval.zeroshot_prompts)):
-        for text in templates:
-            if text.count("{}") != 1:
-                fail(key, f"{text!r} must contain '{{}}' exactly once (where the class name goes)")
-    if d.synthetic.min_side > d.synthetic.max_side:
-        fail("data.synthetic.min_side", f"must be <= data.synthetic.max_side={d.synthetic.max_side}")
-
-
-def _validate_data(cfg: Config, fail) -> None:
-    """Sources per role: each role's source must hold what its stages need (paper §4 setup)."""
-    d, conditioning = cfg.data, cfg.model.conditioning
-    if d.source == "vqav2":
-        fail("data.source", "VQAv2 holds questions, no captions or labels, so it cannot be the "
-             "pretraining source; pretrain on synthetic | coco (text) or imagefolder (class) and "
-             "set data.roles.vqa.source=vqav2 for the VQA fine-tune and evaluation")
-    if d.source not in PRETRAIN_SOURCES:
-        fail("data.source", f"the pretraining source must be one of {list(PRETRAIN_SOURCES)}")
-    need = "captions" if conditioning == "text" else "labels"
-    if need not in SOURCE_PROVIDES[d.source]:
-        fix = ("coco or synthetic" if need == "captions" else "imagefolder or synthetic")
-        fail("data.source", f"a {conditioning}-conditioned model (model.conditioning="
-             f"{conditioning!r}) pretrains on images with {need}; '{d.source}' has none "
-             f"(use {fix})")
-    for role, choices in ROLE_SOURCES.items():
-        key = f"data.roles.{role}.source"
-        allowed = ("auto", "none", *choices) if role != "fid" else ("auto", *choices)
-        if flat_get(cfg, key) not in allowed:
-            fail(key, f"must be one of {list(allowed)}")
-    dirs = {"data.prepared_dir": d.prepared_dir}
-    for role in ROLE_SOURCES:
-        key = f"data.roles.{role}.prepared_dir"
-        path = getattr(d.roles, role).prepared_dir
-        if not path:
-            fail(key, "must be set (where prepare@" + role + " writes)")
-        clash = [k for k, v in dirs.items() if Path(v) == Path(path)]
-        if clash:
-            fail(key, f"must differ from {clash[0]}")
-        dirs[key] = path
-    fid = role_source(d, "fid")
-    if conditioning == "class" and fid != d.source:
-        fail("data.roles.fid.source", f"class samples follow the reference set's labels: a "
-             f"class-conditional model needs the pretraining source '{d.source}' there")
-    zeroshot = role_source(d, "zeroshot")
-    if "imagefolder" in (zeroshot, fid if conditioning == "text" else "") \
-            and not d.imagefolder.class_names:
-        role = "zeroshot" if zeroshot == "imagefolder" else "fid"
-        fail("data.imagefolder.class_names", f"data.roles.{role} reads the ImageFolder source "
-             f"and scores/prompts class names, but its directories are ids (ImageNet: "
-             "n01443537): set a class-name file (e.g. ImageNet's LOC_synset_mapping.txt)")
-
-
-def flat_get(cfg: Config, key: str) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        node = getattr(node, part)
-    return node
+    merged = deep_merge(_defaults(), _check_keys(_upgrade(d), Config, "<dict>"))
+    return _build(merged, "<dict>")

@@ -11,7 +11,6 @@ from jetformer.config import (
     ABLATIONS_DIR,
     PRESETS_DIR,
     REPO_ROOT,
-    Config,
     ConfigError,
     load_config,
     load_config_dict,
@@ -89,9 +88,9 @@ def test_overlay_merges_deeply_and_later_wins(tmp_path):
     cfg = load_config(PARAMS, overlays=[a, b], overrides=["train.lr=2e-4"])
     assert cfg.train.noise.sigma0 == 8.0          # b over a
     assert cfg.train.noise.sigma_final == 2.0     # a's sibling kept
-    assert cfg.train.noise.curriculum_frac == Config().train.noise.curriculum_frac
+    assert cfg.train.noise.curriculum_frac == load_config(PARAMS).train.noise.curriculum_frac
     assert cfg.train.lr == pytest.approx(2e-4)    # override over overlays
-    assert cfg.train.steps == Config().train.steps
+    assert cfg.train.steps == load_config(PARAMS).train.steps
 
 
 def test_derived_values_use_the_final_merged_config(tmp_path):
@@ -110,10 +109,9 @@ def test_derived_values_use_the_final_merged_config(tmp_path):
     ({"train": {"noise": {"sigmo0": 3}}}, ["train.noise.sigmo0"]),                 # unknown key
     ({"modle": {"factoring": "none"}}, ["modle"]),                                 # unknown section
     ({"model": {"factoring": "sideways"}}, ["model.factoring", "sideways"]),       # bad choice
-    ({"model": {"factored_dims": "= 3 * model.patch_sise ** 2"}}, ["model.patch_sise"]),
-    ({"model": {"factored_dims": "= model.patch_size / 3"}}, ["model.factored_dims", "integer"]),
-    ({"model": {"factored_dims": "= open('x')"}}, ["model.factored_dims", "unsupported"]),
-    ({"train": {"steps": "= train.log_every", "log_every": "= train.steps"}}, ["cycle"]),
+    ({"model": {"factored_dims": "alll"}}, ["model.factored_dims", "alll", "integer"]),
+    ({"model": {"factored_dims": "all", "patch_size": "x"}}, ["model.factored_dims", "patch_size"]),
+    ({"train": {"steps": "quarter"}}, ["train.steps", "quarter"]),   # a word only where declared
 ])
 def test_invalid_overlay_fails_clearly(tmp_path, content, fragments):
     ov = tmp_path / "bad_overlay.yaml"

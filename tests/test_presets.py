@@ -41,9 +41,11 @@ def test_paper_presets_share_the_recipe():
     for name in ("jetformer_b", "jetformer_m", "jetformer_l"):
         cfg = load_config(PARAMS, overlays=[name])
         m, t = cfg.model, cfg.train
-        assert (cfg.data.resolution, m.patch_size, m.factored_dims, m.num_mixtures) == (256, 16, 128, 1024)
+        assert (cfg.data.resolution, m.patch_size, m.factored_dims, m.num_mixtures) \
+            == (256, 16, 128, 1024)
         assert (m.flow.num_couplings, m.flow.width, m.flow.num_heads) == (32, 512, 8)
-        assert (t.batch_size, t.noise.sigma0, t.noise.sigma_final, t.task) == (2048, 64.0, 0.0, "class")
+        assert (t.batch_size, t.noise.sigma0, t.noise.sigma_final, t.task) \
+            == (2048, 64.0, 0.0, "class")
     # the multimodal recipes layer on top of a size preset
     cfg = load_config(PARAMS, overlays=["jetformer_l", "coco_ti"])
     assert cfg.model.conditioning == "text" and cfg.model.decoder.depth == 48
