@@ -31,8 +31,10 @@ COMMANDS = {
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params", default="params.yaml", help="base parameter file")
-    p.add_argument("--preset", action="append", default=[], help="overlay name or YAML path (repeatable)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter")
+    p.add_argument("--preset", action="append", default=[],
+                   help="overlay name or YAML path (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a parameter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
-    g.add_argument("--label", action="append", type=int, default=[], help="class index (repeatable)")
+    g.add_argument("--label", action="append", type=int, default=[],
+                   help="class index (repeatable)")
     p.add_argument("--num", type=int, default=8, help="samples per prompt/label")
-    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: eval.cfg_scale)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: eval.cfg_scale)")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="samples.png")

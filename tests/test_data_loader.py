@@ -63,7 +63,8 @@ def test_images_are_memory_mapped_views(prepared_dir):
 
 def test_flip(prepared_dir):
     plain = ArrowImageDataset(prepared_dir, "val")
-    flipped = ArrowImageDataset(prepared_dir, "val", flip=True, generator=torch.Generator().manual_seed(0))
+    flipped = ArrowImageDataset(prepared_dir, "val", flip=True,
+                                generator=torch.Generator().manual_seed(0))
     n_flipped = 0
     for _ in range(4):
         for i in range(len(plain)):

@@ -20,20 +20,21 @@ def images():
 
 def test_components_orthonormal_sorted_and_reconstruct(images):
     pca = fit_pca(images, 4)
-    C, mean, ev = pca["components"].double(), pca["mean"].double(), pca["explained_variance"].double()
+    C, mean, ev = (pca["components"].double(), pca["mean"].double(),
+                   pca["explained_variance"].double())
     assert C.shape == (48, 48) and mean.shape == ev.shape == (48,) and pca["patch_size"] == 4
     assert pca["components"].dtype == torch.float32
     assert torch.allclose(C @ C.T, torch.eye(48, dtype=torch.float64), atol=1e-5)
     assert (ev[:-1] >= ev[1:]).all() and ev[0] > 10 * ev[16]
-    x = torch.from_numpy(image_patches(images, 4))                           # [24*16, 48] model space
+    x = torch.from_numpy(image_patches(images, 4))                         # [24*16, 48] model space
     assert x.min() >= -1 and x.max() <= 1
     z = (x - mean) @ C.T                                                      # coordinates
-    assert torch.allclose(z @ C + mean, x, atol=1e-5)                         # all components: exact
-    assert torch.allclose(z.var(0), ev, rtol=1e-3, atol=1e-6)                 # variance along each row
+    assert torch.allclose(z @ C + mean, x, atol=1e-5)                        # all components: exact
+    assert torch.allclose(z.var(0), ev, rtol=1e-3, atol=1e-6)              # variance along each row
     k = 8
     err = ((z[:, :k] @ C[:k] + mean - x) ** 2).sum(1).mean()
     assert torch.allclose(err, ev[k:].sum() * (len(x) - 1) / len(x), rtol=1e-3)
-    rand = torch.linalg.qr(torch.randn(48, k, dtype=torch.float64))[0].T     # any other k directions
+    rand = torch.linalg.qr(torch.randn(48, k, dtype=torch.float64))[0].T    # any other k directions
     err_rand = ((((x - mean) @ rand.T) @ rand + mean - x) ** 2).sum(1).mean()
     assert err < err_rand
 

@@ -74,7 +74,8 @@ def test_converted_rows_hold_the_right_content(prepared):
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
     odd = rows[str(len(kinds))]
     main = odd["attributes"]["objects"][0]
-    assert odd["captions"][0].startswith(f"a {main['color']} {main['shape']}")   # NFKC + controls gone
+    # NFKC + controls gone
+    assert odd["captions"][0].startswith(f"a {main['color']} {main['shape']}")
     assert all("\u200b" not in c and "\x07" not in c for c in odd["captions"])
 
 
@@ -86,11 +87,12 @@ def test_arrow_schema_and_metadata(prepared):
     table = read_split(out, "train")
     assert table.schema.equals(arrow_schema(16), check_metadata=True)
     assert table.num_rows == meta["num_train"] == 20 - len(synthetic.BROKEN_KINDS)
-    assert [len(pa.ipc.open_file(out / "train" / f).read_all()) for f in meta["shards"]["train"]] == [4, 8, 4]
+    assert [len(pa.ipc.open_file(out / "train" / f).read_all())
+            for f in meta["shards"]["train"]] == [4, 8, 4]
     row = table.slice(0, 1).to_pylist()[0]
     assert len(row["image"]) == 16 * 16 * 3 and len(row["captions"]) == 5 and len(row["qa"]) == 4
     assert meta["classes"][row["label"]] == row["attributes"]["objects"][0]["shape"]
-    assert not list(out.parent.glob("prepared.partial-*"))              # work dir renamed into place
+    assert not list(out.parent.glob("prepared.partial-*"))             # work dir renamed into place
 
 
 def area_halve(a: np.ndarray, axis: int) -> np.ndarray:
@@ -116,7 +118,8 @@ def test_known_image_resize_and_central_crop_by_hand(tmp_path, fmt):
     # ... and the same pixels come out of `prepare` into the Arrow shard
     for split in ("train", "val"):
         (tmp_path / "src" / split / "cls").mkdir(parents=True)
-        Image.fromarray(src).save(tmp_path / "src" / split / "cls" / f"img.{fmt.lower()}", format=fmt)
+        Image.fromarray(src).save(tmp_path / "src" / split / "cls" / f"img.{fmt.lower()}",
+                                  format=fmt)
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
         "data.source=imagefolder", "model.conditioning=class", "train.task=class",
         f"data.imagefolder.train_images={tmp_path / 'src' / 'train'}",
@@ -131,7 +134,7 @@ def test_tall_image_crops_rows_not_columns(tmp_path):
     src = np.zeros((40, 20, 3), np.uint8)
     src[:10], src[10:30], src[30:] = 255, 100, 255                         # bright bands top/bottom
     Image.fromarray(src).save(tmp_path / "t.png")
-    got, _ = load_image(tmp_path / "t.png", 10)                             # 40x20 -> 20x10 -> rows 5..14
+    got, _ = load_image(tmp_path / "t.png", 10)                       # 40x20 -> 20x10 -> rows 5..14
     assert got.shape == (10, 10, 3) and (got == 100).all()
 
 
@@ -139,12 +142,14 @@ def test_clear_errors(tmp_path):
     base = ("data.source=imagefolder", "model.conditioning=class", "train.task=class",
             "data.workers=1", f"data.prepared_dir={tmp_path / 'out'}")
     missing = load_config(REPO_ROOT / "params.yaml", overrides=base + (
-        f"data.imagefolder.train_images={tmp_path / 'nope'}", f"data.imagefolder.val_images={tmp_path}"))
+        f"data.imagefolder.train_images={tmp_path / 'nope'}",
+        f"data.imagefolder.val_images={tmp_path}"))
     with pytest.raises(PrepareError, match=r"data\.imagefolder\.train_images.*not found"):
         prepare(missing)
     (tmp_path / "empty").mkdir()
     empty = load_config(REPO_ROOT / "params.yaml", overrides=base + (
-        f"data.imagefolder.train_images={tmp_path / 'empty'}", f"data.imagefolder.val_images={tmp_path}"))
+        f"data.imagefolder.train_images={tmp_path / 'empty'}",
+        f"data.imagefolder.val_images={tmp_path}"))
     with pytest.raises(PrepareError, match="no class sub-directories"):
         prepare(empty)
     unset = load_config(REPO_ROOT / "params.yaml", overrides=("data.source=coco",))
@@ -185,18 +190,19 @@ def test_interrupted_then_restarted_equals_clean_run(tmp_path):
     partial = list((tmp_path / "restart").glob("prepared.partial-*"))
     assert len(partial) == 1 and len(list(partial[0].rglob("*.arrow"))) == 2
     redone = []
-    two_workers = cfg_for(tmp_path / "restart", "data.workers=2")          # parallel path, same bytes
+    two_workers = cfg_for(tmp_path / "restart", "data.workers=2")        # parallel path, same bytes
     prepare(two_workers, on_shard_done=lambda o: redone.append(o["file"]))
     assert len(redone) == 5 - 2                                            # finished shards reused
     a, b = Path(clean.data.prepared_dir), Path(cfg.data.prepared_dir)
     files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.suffix == ".arrow")
-    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.suffix == ".arrow")
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*")
+                           if p.is_file() and p.suffix == ".arrow")
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
     assert (a / "metadata.json").read_text() == (b / "metadata.json").read_text()
 
 
 def test_max_images_keeps_every_class(tmp_path):
-    fix = Path(__file__).parent / "fixtures" / "imagefolder"              # class 0: 2 images, class 1: 1
+    fix = Path(__file__).parent / "fixtures" / "imagefolder"         # class 0: 2 images, class 1: 1
     cfg = load_config(REPO_ROOT / "params.yaml", overrides=(
         "data.source=imagefolder", "model.conditioning=class", "train.task=class",
         f"data.imagefolder.train_images={fix / 'train'}",

@@ -35,7 +35,8 @@ def test_coco_captions_fixture():
 
 def test_vqav2_fixture():
     records = readers.read_vqav2(FIX / "vqav2/v2_OpenEnded_mscoco_train2014_questions.json",
-                                 FIX / "vqav2/v2_mscoco_train2014_annotations.json", FIX / "coco/train2014")
+                                 FIX / "vqav2/v2_mscoco_train2014_annotations.json",
+                                 FIX / "coco/train2014")
     by_id = {r.id: r for r in records}
     assert sorted(by_id) == ["25", "9"]
     q = by_id["9"].qa
@@ -51,7 +52,8 @@ def test_missing_fields_are_named(tmp_path):
     with pytest.raises(readers.SourceError, match="missing field 'file_name'"):
         readers.read_coco_captions(bad, FIX / "coco/train2014", "data.coco.train_annotations")
     bad.write_text("{not json")
-    with pytest.raises(readers.SourceError, match=r"data\.coco\.train_annotations = .*not valid JSON"):
+    with pytest.raises(readers.SourceError,
+                       match=r"data\.coco\.train_annotations = .*not valid JSON"):
         readers.read_coco_captions(bad, FIX / "coco/train2014", "data.coco.train_annotations")
 
 
@@ -70,14 +72,18 @@ def test_fixture_prepares(tmp_path, source):
         paths = [f"data.imagefolder.train_images={FIX / 'imagefolder/train'}",
                  f"data.imagefolder.val_images={FIX / 'imagefolder/val'}"]
     else:
-        paths = [f"data.{source}.{s}_images={FIX / 'coco' / (s + '2014')}" for s in ("train", "val")]
+        paths = [f"data.{source}.{s}_images={FIX / 'coco' / (s + '2014')}"
+                 for s in ("train", "val")]
         if source == "coco":
-            paths += [f"data.coco.{s}_annotations={FIX / 'coco/annotations' / f'captions_{s}2014.json'}"
+            paths += [f"data.coco.{s}_annotations="
+                      f"{FIX / 'coco/annotations' / f'captions_{s}2014.json'}"
                       for s in ("train", "val")]
         else:
-            paths += [f"data.vqav2.{s}_questions={FIX / 'vqav2' / f'v2_OpenEnded_mscoco_{s}2014_questions.json'}"
+            paths += [f"data.vqav2.{s}_questions="
+                      f"{FIX / 'vqav2' / f'v2_OpenEnded_mscoco_{s}2014_questions.json'}"
                       for s in ("train", "val")]
-            paths += [f"data.vqav2.{s}_annotations={FIX / 'vqav2' / f'v2_mscoco_{s}2014_annotations.json'}"
+            paths += [f"data.vqav2.{s}_annotations="
+                      f"{FIX / 'vqav2' / f'v2_mscoco_{s}2014_annotations.json'}"
                       for s in ("train", "val")]
     out = _prepare(tmp_path, *paths, source=source)
     meta = read_metadata(out)
@@ -86,7 +92,8 @@ def test_fixture_prepares(tmp_path, source):
     assert meta["num_val"] == len(items) == 2
     assert all(it["image"].shape == (8, 8, 3) for it in items)
     if source == "imagefolder":
-        assert meta["classes"] == ["n01443537", "n01530575"] and [it["label"] for it in items] == [0, 1]
+        assert (meta["classes"] == ["n01443537", "n01530575"]
+                and [it["label"] for it in items] == [0, 1])
         assert meta["num_train"] == 3
     elif source == "coco":
         assert meta["classes"] == [] and all(it["label"] == -1 for it in items)

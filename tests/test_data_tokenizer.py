@@ -16,8 +16,9 @@ def world_items(n: int) -> list[dict]:
     for i in range(n):
         rng = np.random.default_rng([7, i])
         scene = sample_scene(rng)
-        items.append({"id": str(i), "image": torch.full((4, 4, 3), i, dtype=torch.uint8), "label": i % 4,
-                      "captions": make_captions(scene, rng), "qa": make_qa(scene, rng), "attributes": scene})
+        items.append({"id": str(i), "image": torch.full((4, 4, 3), i, dtype=torch.uint8),
+                      "label": i % 4, "captions": make_captions(scene, rng),
+                      "qa": make_qa(scene, rng), "attributes": scene})
     return items
 
 
@@ -30,11 +31,13 @@ def items():
 def tok(items, tmp_path_factory):
     texts = [c for it in items for c in it["captions"]]
     texts += [x for it in items for q in it["qa"] for x in [q["question"], *set(q["answers"])]]
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=100)
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "tokenizer.model",
+                           vocab_size=100)
 
 
 def test_special_ids_and_round_trip(tok):
-    assert (tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id()) == (PAD_ID, UNK_ID, BOS_ID, EOS_ID)
+    assert ((tok.sp.pad_id(), tok.sp.unk_id(), tok.sp.bos_id(), tok.sp.eos_id())
+            == (PAD_ID, UNK_ID, BOS_ID, EOS_ID))
     assert tok.vocab_size == 100
     ids = tok.encode("a red circle on the left")
     assert ids[-1] == EOS_ID and EOS_ID not in ids[:-1] and PAD_ID not in ids
@@ -46,11 +49,13 @@ def test_special_ids_and_round_trip(tok):
 def test_encode_batch_pads_and_truncates(tok):
     texts = ["a red circle", "there is a purple triangle on the right and two small shapes"]
     tokens, mask = tok.encode_batch(texts, 8)
-    assert tokens.shape == mask.shape == (2, 8) and tokens.dtype == torch.long and mask.dtype == torch.bool
+    assert (tokens.shape == mask.shape == (2, 8) and tokens.dtype == torch.long
+            and mask.dtype == torch.bool)
     n0 = len(tok.encode(texts[0]))
     assert tokens[0, :n0].tolist() == tok.encode(texts[0]) and (tokens[0, n0:] == PAD_ID).all()
     assert mask[0].tolist() == [True] * n0 + [False] * (8 - n0)
-    assert tokens[1].tolist() == tok.encode(texts[1])[:7] + [EOS_ID] and mask[1].all()   # cut, EOS kept
+    # cut, EOS kept
+    assert tokens[1].tolist() == tok.encode(texts[1])[:7] + [EOS_ID] and mask[1].all()
 
 
 def test_caption_batch(items, tok):
@@ -62,14 +67,16 @@ def test_caption_batch(items, tok):
     assert all(p in it["captions"] for p, it in zip(picked, items))
     again = caption_batch(items[:8], tok, 32, torch.Generator().manual_seed(0))
     assert torch.equal(again["text"], b["text"])
-    many = {tok.decode(caption_batch(items[:1], tok, 24, torch.Generator().manual_seed(s))["text"][0])
+    many = {tok.decode(caption_batch(items[:1], tok, 24,
+                                     torch.Generator().manual_seed(s))["text"][0])
             for s in range(30)}
     assert len(many) > 1                                                          # a random caption
 
 
 def test_vqa_batch_masks_only_the_answer(items, tok):
     b = vqa_batch(items[:16], tok, 32, torch.Generator().manual_seed(1))
-    assert {"text", "text_mask", "text_loss_mask", "prefix", "prefix_mask", "images", "labels"} <= set(b)
+    assert ({"text", "text_mask", "text_loss_mask", "prefix", "prefix_mask", "images", "labels"}
+            <= set(b))
     for row in range(16):
         text, loss, prefix = b["text"][row], b["text_loss_mask"][row], b["prefix"][row]
         n = int(b["text_mask"][row].sum())
@@ -96,9 +103,10 @@ def test_majority_answer():
 def test_given_model_with_other_special_ids_is_refused(tmp_path):
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(sentence_iterator=iter(["a red circle", "a blue square"] * 20),
-                                   model_writer=model, vocab_size=20, hard_vocab_limit=False, minloglevel=2)
+                                   model_writer=model, vocab_size=20, hard_vocab_limit=False,
+                                   minloglevel=2)
     path = tmp_path / "other.model"
-    path.write_bytes(model.getvalue())           # sentencepiece defaults: unk 0, bos 1, eos 2, pad -1
+    path.write_bytes(model.getvalue())         # sentencepiece defaults: unk 0, bos 1, eos 2, pad -1
     with pytest.raises(ValueError, match="special ids"):
         TextTokenizer(path)
     with pytest.raises(FileNotFoundError, match="tokenizer"):
@@ -116,7 +124,7 @@ def test_training_texts_from_prepared_data_and_deterministic_model(tmp_path):
     prepare(cfg)
     texts = training_texts(tmp_path / "prepared")
     assert texts[:4] == ["circle", "cross", "square", "triangle"]              # class names first
-    assert len(texts) > 4 + 12 * 5 + 12 * 4                                   # + captions, questions, answers
+    assert len(texts) > 4 + 12 * 5 + 12 * 4                         # + captions, questions, answers
     a = train_tokenizer(texts, tmp_path / "a.model", 64)
     train_tokenizer(texts, tmp_path / "b.model", 64)
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()

@@ -53,9 +53,11 @@ def test_domain_fid_self_zero_and_different_sets_positive(tmp_path):
     torch.manual_seed(0)
     x, y = draw_scenes(96, ["square", "disc"], ["red", "blue"], seed=2)
     path = tmp_path / "judge.pt"
-    save_judge(Judge({"shape": ["disc", "square"], "color": ["blue", "red"]}, resolution=16, width=8,
-                     feature_dim=16), path)   # randomly initialised judge: enough for these properties
-    same = fidelity_metrics(x, x, extractor="domain", judge_path=str(path), device="cpu", kid_subsets=10)
+    # randomly initialised judge: enough for these properties
+    save_judge(Judge({"shape": ["disc", "square"], "color": ["blue", "red"]}, resolution=16,
+                     width=8, feature_dim=16), path)
+    same = fidelity_metrics(x, x, extractor="domain", judge_path=str(path), device="cpu",
+                            kid_subsets=10)
     assert abs(same["fid"]) < 1e-6
     assert same["precision"] == 1.0 and same["recall"] == 1.0
     reds, _ = draw_scenes(96, ["square"], ["red"], seed=3)

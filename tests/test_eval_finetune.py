@@ -13,10 +13,12 @@ def _items(n, size):
     items = []
     for i in range(n):
         name = list(COLOURS)[i % 2]
-        img = torch.tensor(COLOURS[name], dtype=torch.uint8).view(1, 1, 3).expand(size, size, 3).clone()
+        img = (torch.tensor(COLOURS[name], dtype=torch.uint8).view(1, 1, 3)
+               .expand(size, size, 3).clone())
         items.append({"id": str(i), "image": img, "label": i % 2, "captions": [f"a {name} square"],
                       "qa": [{"question": "what color is it?", "answers": [name] * 10,
-                              "answer_type": "other", "question_type": "what color"}], "attributes": {}})
+                              "answer_type": "other", "question_type": "what color"}],
+                      "attributes": {}})
     return items
 
 
@@ -29,14 +31,16 @@ def test_finetune_caption_and_vqa(tmp_path):
     flow_before = {k: v.clone() for k, v in model.codec.state_dict().items()}
     head_before = model.text_head.weight.detach().clone()
     items = _items(8, cfg.data.resolution)
-    curve = finetune(model, cfg, items, tok, task="caption", steps=40, lr=3e-3, batch_size=8, log=None)
+    curve = finetune(model, cfg, items, tok, task="caption", steps=40, lr=3e-3, batch_size=8,
+                     log=None)
     assert len(curve) == 40
     assert sum(c["loss"] for c in curve[-5:]) / 5 < 0.3 * curve[0]["loss"]
     assert curve[0]["lr"] < curve[3]["lr"]                      # warm-up, then cosine
     assert all(torch.equal(v, model.codec.state_dict()[k]) for k, v in flow_before.items())
     assert not torch.equal(head_before, model.text_head.weight)
     assert not model.training
-    caps = generate_captions(model, tok, torch.stack([it["image"] for it in items[:2]]), max_len=8, batch_size=2)
+    caps = generate_captions(model, tok, torch.stack([it["image"] for it in items[:2]]), max_len=8,
+                             batch_size=2)
     assert caps == ["a red square", "a blue square"]
     vqa = finetune(model, cfg, items, tok, task="vqa", steps=5, lr=1e-3, batch_size=8, log=None)
     assert len(vqa) == 5 and all(c["loss"] == c["loss"] for c in vqa)   # finite (answer-only loss)

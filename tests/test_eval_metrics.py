@@ -16,7 +16,7 @@ ANSWERS = ["2", "2", "2", "two", "two", "3", "3", "3", "3", "4"]
 
 # ----------------------------------------------------------------------------- VQA
 def test_normalisation_official_rules():
-    assert normalize_answer("Two.") == "2"            # period stripped, lower-cased, number word -> digit
+    assert normalize_answer("Two.") == "2"      # period stripped, lower-cased, number word -> digit
     assert normalize_answer("  the  Dog ") == "dog"   # articles dropped
     assert normalize_answer("dont know") == "don't know"  # contractions restored
     assert normalize_answer("1,000") == "1000"        # digit,digit comma: punctuation deleted
@@ -44,7 +44,8 @@ def test_vqa_accuracy_worked_example():
 def test_vqa_score_aggregates_per_type():
     qs = [{"answers": ANSWERS, "answer_type": "number", "question_type": "how many"},
           {"answers": ["yes"] * 10, "answer_type": "yes/no", "question_type": "is there"},
-          {"answers": ["red"] * 7 + ["blue"] * 3, "answer_type": "other", "question_type": "what color"}]
+          {"answers": ["red"] * 7 + ["blue"] * 3, "answer_type": "other",
+           "question_type": "what color"}]
     s = vqa_score(["4", "no", "blue"], qs)
     # "blue": 3 matches; left out (3 times) -> 2/3, else 1 -> (3*2/3 + 7)/10 = 0.9
     assert s["per_question"] == pytest.approx([0.3, 0.0, 0.9])
@@ -67,7 +68,8 @@ def test_cider_identical_and_disjoint():
     # every n-gram vector equals its reference, cosine 1 for n = 1..4, no length penalty: 10 * 1
     assert same == pytest.approx(10.0)
     assert all(s == pytest.approx(10.0) for s in per.values())
-    disjoint, _ = cider_score({1: "big yellow star", 2: "small purple heart", 3: "an orange moon"}, refs)
+    disjoint, _ = cider_score({1: "big yellow star", 2: "small purple heart", 3: "an orange moon"},
+                              refs)
     assert disjoint == 0.0
 
 
@@ -112,7 +114,8 @@ def test_baselines_hand_computed():
     assert baselines.answer_per_question_type(train_q) == {"how many": "2", "what color": "red"}
     val_q = [{"question_type": "how many", "answers": ANSWERS},
              {"question_type": "what color", "answers": ["blue"] * 10},
-             {"question_type": "what shape", "answers": ["red"] * 10}]  # unseen type -> overall "red"
+             # unseen type -> overall "red"
+             {"question_type": "what shape", "answers": ["red"] * 10}]
     assert baselines.per_type_vqa_accuracy(train_q, val_q) == pytest.approx((0.9 + 0 + 1) / 3)
     assert baselines.majority_class_accuracy([0, 1, 1], [1, 0, 1, 1]) == 0.75
 
@@ -122,11 +125,13 @@ def test_attribute_accuracy_hand_computed():
     from jetformer.eval.attributes import attribute_accuracy, class_asked, t2i_asked
 
     scene = {"objects": [{"shape": "circle", "color": "red", "size": "large", "position": "left"},
-                         {"shape": "cross", "color": "blue", "size": "small", "position": "top left"}],
+                         {"shape": "cross", "color": "blue", "size": "small",
+                          "position": "top left"}],
              "count": 2, "background": "plain black"}
-    assert t2i_asked(scene) == {"shape": "circle", "color": "red"}      # the main object, not the extra
+    assert t2i_asked(scene) == {"shape": "circle", "color": "red"}  # the main object, not the extra
     assert t2i_asked({}) == {}
-    assert class_asked(2, ["circle", "cross", "square"], {"shape": [], "color": []}) == {"shape": "square"}
+    assert (class_asked(2, ["circle", "cross", "square"], {"shape": [], "color": []})
+            == {"shape": "square"})
     assert class_asked(2, ["n01", "n02", "n03"], {"label": []}) == {"label": "2"}
     judged = {"shape": ["circle", "square", "cross"], "color": ["red", "red", "blue"]}
     asked = [{"shape": "circle", "color": "red"}, {"shape": "circle", "color": "red"}, {}]
@@ -138,7 +143,8 @@ def test_attribute_accuracy_hand_computed():
 def test_merge_results_and_csv(tmp_path):
     from jetformer.eval.report import REQUIRED_KEYS, merge_results, read_json, write_csv, write_json
 
-    merged = merge_results({"a": {"fid": 1.5, "details": {"x": 1}}, "b": {"cider": 2.0, "fid": 1.5}})
+    merged = merge_results({"a": {"fid": 1.5, "details": {"x": 1}},
+                            "b": {"cider": 2.0, "fid": 1.5}})
     assert merged["fid"] == 1.5 and merged["cider"] == 2.0 and "details" not in merged
     assert set(REQUIRED_KEYS) <= set(merged) and merged["vqa_accuracy"] is None
     with pytest.raises(ValueError, match="differs between stages"):

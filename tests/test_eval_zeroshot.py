@@ -40,8 +40,9 @@ def test_zeroshot_picks_the_class_the_model_prefers(make_cfg):
         direct = model.score_text(test_images, names[c].expand(6, -1), names_mask[c].expand(6, -1))
         torch.testing.assert_close(scores[:, c], direct.float(), atol=1e-4, rtol=1e-4)
     # batch size does not change the result
-    torch.testing.assert_close(zeroshot_scores(model, test_images, names, names_mask, batch_size=100),
-                               scores, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        zeroshot_scores(model, test_images, names, names_mask, batch_size=100),
+        scores, atol=1e-4, rtol=1e-4)
 
 
 def test_prompt_ensemble_is_the_log_sum_of_its_templates(make_cfg):

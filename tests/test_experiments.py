@@ -62,14 +62,16 @@ def test_every_ablation_validates_on_every_preset(base):
         # nothing else moves: the overlay touches only its own keys
         changed = {k for k, v in cfg.flat().items() if ref.flat()[k] != v}
         allowed = {"model.factoring", "model.factored_dims", "train.flow_pretrain_steps",
-                   "train.noise.sigma0", "pca.enabled", "model.num_mixtures", "model.num_class_tokens"}
+                   "train.noise.sigma0", "pca.enabled", "model.num_mixtures",
+                   "model.num_class_tokens"}
         assert changed <= allowed, (name, changed - allowed)
 
 
 def test_recipe_presets_follow_the_paper():
     inet = load_config(PARAMS, overlays=["imagenet256"])
     assert (inet.data.source, inet.data.resolution, inet.data.flip) == ("imagefolder", 256, True)
-    assert (inet.train.task, inet.model.conditioning, inet.model.num_class_tokens) == ("class", "class", 16)
+    assert ((inet.train.task, inet.model.conditioning, inet.model.num_class_tokens)
+            == ("class", "class", 16))
     assert (inet.train.batch_size, inet.train.lr, inet.model.decoder.dropout) == (2048, 1e-3, 0.1)
     assert (inet.train.noise.sigma0, inet.train.noise.sigma_final) == (64.0, 0.0)
     assert inet.num_image_tokens == 256 and inet.model.factored_dims == 128
@@ -125,7 +127,8 @@ def test_invalid_overlay_fails_clearly(tmp_path, content, fragments):
 def test_ablation_that_contradicts_its_base_fails_naming_the_key(tmp_path):
     """no_flow on top of a two-stage base is impossible (there is no flow to pretrain)."""
     with pytest.raises(ConfigError, match="flow_pretrain_steps"):
-        load_config(PARAMS, overlays=["two_stage", "no_flow"], overrides=["train.flow_pretrain_steps=5"])
+        load_config(PARAMS, overlays=["two_stage", "no_flow"],
+                    overrides=["train.flow_pretrain_steps=5"])
     with pytest.raises(ConfigError, match="unknown preset/ablation 'no_flwo'"):
         load_config(PARAMS, overlays=["no_flwo"])
 
@@ -171,7 +174,8 @@ def test_compare_reads_back_exactly_what_was_logged(tmp_path):
 
     with open(written["csv"]) as f:
         rows = list(csv.DictReader(f))
-    assert [r["run"] for r in rows] == ["trial_0", "trial_1", "trial_2"]   # parent and other excluded
+    # parent and other excluded
+    assert [r["run"] for r in rows] == ["trial_0", "trial_1", "trial_2"]
     for r in rows:
         want = logged[r["run"]]
         assert r["run_id"] == want["run_id"] and r["status"] == "FINISHED"
@@ -191,7 +195,8 @@ def test_compare_reads_back_exactly_what_was_logged(tmp_path):
 
     every = compare("cmp", tracking_uri=uri, out_dir=out)           # no parent: all but the sweep
     with open(every["csv"]) as f:
-        assert sorted(r["run"] for r in csv.DictReader(f)) == ["standalone", "trial_0", "trial_1", "trial_2"]
+        assert (sorted(r["run"] for r in csv.DictReader(f))
+                == ["standalone", "trial_0", "trial_1", "trial_2"])
 
 
 def test_compare_unknown_experiment_fails_clearly(tmp_path):
@@ -210,7 +215,7 @@ def test_ablation_rows_configs_and_applicability():
         if any(p not in PRESETS for p in base):
             continue
         cfgs = {r.name: ablation_config(r.name, PARAMS, base, seed=1) for r in ROWS}
-        assert len({c.train.out_dir for c in cfgs.values()}) == len(ROWS)     # no shared checkpoints
+        assert len({c.train.out_dir for c in cfgs.values()}) == len(ROWS)    # no shared checkpoints
         assert {c.mlflow.experiment for c in cfgs.values()} == {"jetformer-ablations"}
         assert all(c.seed == c.train.seed == 1 for c in cfgs.values())
         assert cfgs["no_flow"].model.factoring == "no_flow"
@@ -249,20 +254,24 @@ def test_ablation_verdicts_weigh_the_effect_against_the_spread():
     assert rows["baseline"]["fid"] == 11.0
     assert rows["baseline"]["fid_std"] == pytest.approx(math.sqrt(2.0))
     assert rows["no_flow"]["verdict"] == "reproduced" and rows["no_flow"]["fid_vs_baseline"] == 21.0
-    assert "+21" in rows["no_flow"]["verdict_text"] and "catastrophic" in rows["no_flow"]["verdict_text"]
+    assert ("+21" in rows["no_flow"]["verdict_text"]
+            and "catastrophic" in rows["no_flow"]["verdict_text"])
     assert "standard error" in rows["no_flow"]["verdict_text"]
     assert rows["one_mixture"]["verdict"] == "contradicted"
     assert rows["one_class_token"]["verdict"] == "inconclusive"
     assert "within 2 SE" in rows["one_class_token"]["verdict_text"]
     assert rows["pca"]["verdict"] == "broken" and "chance" in rows["pca"]["verdict_text"]
-    assert rows["learnable_w"]["verdict"] == "broken" and "PNG" in rows["learnable_w"]["verdict_text"]
-    assert rows["no_curriculum"]["verdict"] == "inconclusive" and rows["no_curriculum"]["seeds"] == 1
+    assert (rows["learnable_w"]["verdict"] == "broken"
+            and "PNG" in rows["learnable_w"]["verdict_text"])
+    assert (rows["no_curriculum"]["verdict"] == "inconclusive"
+            and rows["no_curriculum"]["seeds"] == 1)
     # a baseline that has not learnt its classes makes every comparison inconclusive
     weak = {"baseline": _seeds([10.0, 12.0], acc=0.5), "no_flow": _seeds([30.0, 34.0], acc=0.5)}
     row = table_rows(weak)[1]
     assert row["verdict"] == "inconclusive" and "0.7" in row["verdict_text"]
     table = list(csv.DictReader(to_csv(list(rows.values())).splitlines()))
-    assert float(table[1]["fid"]) == 32.0 and float(table[1]["fid_std"]) == pytest.approx(2 * math.sqrt(2))
+    assert (float(table[1]["fid"]) == 32.0
+            and float(table[1]["fid_std"]) == pytest.approx(2 * math.sqrt(2)))
     md = to_markdown(list(rows.values()), "# t")
     assert "| no_flow | 2 | 32 ± 2.828 |" in md and "1 reproduced, 1 contradicted" in md
 
@@ -431,7 +440,8 @@ def test_ablation_point_hash_ignores_tracking_and_parallelism():
     from jetformer.ablate import plan
     a = plan(PARAMS, ["tiny"], only=["no_flow"], seeds=1)
     b = plan(PARAMS, ["tiny"], sets=["tune.max_concurrent_trials=4",
-                                     "mlflow.tracking_uri=sqlite:///x.db"], only=["no_flow"], seeds=1)
+                                     "mlflow.tracking_uri=sqlite:///x.db"],
+             only=["no_flow"], seeds=1)
     c = plan(PARAMS, ["tiny"], sets=["train.lr=1e-4"], only=["no_flow"], seeds=1)
     assert a["no_flow/seed0"]["hash"] == b["no_flow/seed0"]["hash"] != c["no_flow/seed0"]["hash"]
 

@@ -226,7 +226,8 @@ def test_micro_dvc_repro_produces_every_output_and_is_idempotent(pipeline):
     assert tr.data.tags["mlflow.source.git.commit"] == head
     assert tr.data.tags["mlflow.source.name"] == "dvc:train"
     plots = _dvc(["plots", "show", "--json"], repo, env, timeout=300)       # every plot loads
-    assert plots.returncode == 0 and not json.loads(plots.stdout).get("errors"), plots.stdout[-3000:]
+    assert plots.returncode == 0 and not json.loads(plots.stdout).get("errors"), \
+        plots.stdout[-3000:]
 
     t0 = time.time()
     second = _ok(_dvc(["repro"], repo, env, timeout=300), "no-op dvc repro")

@@ -52,7 +52,8 @@ def batch_for(model, B=6):
 def test_loss_and_gradients_match_the_reference_couplings(make_cfg, randomize, overrides):
     cfg = make_cfg("model.decoder.dropout=0.1", "model.latent_noise_max=0.3", *overrides)
     torch.manual_seed(0)
-    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
+    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(),
+                      out_std=0.1)
     batch = batch_for(model)
     loss, grads = loss_and_grads(model, batch, seed=3)
     with reference_couplings(model):
@@ -73,7 +74,8 @@ def test_compiled_loss_matches_eager(make_cfg, randomize):
     cfg = make_cfg("model.decoder.dropout=0.0", "model.conditioning=class", "train.task=class",
                    "model.num_classes=3", "model.flow.num_couplings=2", "model.decoder.depth=1")
     torch.manual_seed(0)
-    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(), out_std=0.1)
+    model = randomize(JetFormer.from_config(cfg, vocab_size=cfg.tokenizer.vocab_size).train(),
+                      out_std=0.1)
     batch = batch_for(model)
     loss, grads = loss_and_grads(model, batch, seed=3)
     c_loss, c_grads = loss_and_grads(model, batch, seed=3,

@@ -38,7 +38,8 @@ def test_paths_reach_the_stage_and_success_is_0():
 
     def stage(cfg, metrics_dir, out):
         seen.update(cfg=cfg, metrics_dir=metrics_dir, out=out)
-    assert run_stage("eval_report", stage, argv=["--metrics-dir", "m", "--params", str(REPO_ROOT / "params.yaml")],
+    assert run_stage("eval_report", stage,
+                     argv=["--metrics-dir", "m", "--params", str(REPO_ROOT / "params.yaml")],
                      metrics_dir="metrics", out="metrics/eval.json") == 0
     assert seen["metrics_dir"] == "m" and seen["out"] == "metrics/eval.json"
     assert seen["cfg"] == load_config(REPO_ROOT / "params.yaml")

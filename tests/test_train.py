@@ -58,7 +58,7 @@ def test_lr_schedule_warmup_then_cosine_to_zero():
     lrs = [lr_at(s, **kw) for s in range(100)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)   # linear warm-up
     assert all(b > a for a, b in zip(lrs[:10], lrs[1:10]))
-    assert lrs[10] == pytest.approx(1e-3)                                      # cosine starts at peak
+    assert lrs[10] == pytest.approx(1e-3)                                    # cosine starts at peak
     assert lrs[55] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 45 / 90)))
     assert all(b < a for a, b in zip(lrs[10:], lrs[11:]))                      # then decays ...
     assert 0 < lrs[-1] < 1e-6                                                  # ... to ~0
@@ -89,7 +89,8 @@ def test_flow_lr_scale_applies_to_the_codec_only_and_keeps_decay_per_step(make_c
     model.codec, model.decoder = nn.Linear(3, 3), nn.Linear(3, 3)
     opt = build_optimizer(model, cfg.train)
     lr = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    assert lr[id(model.codec.weight)] == pytest.approx(0.04) and lr[id(model.codec.bias)] == pytest.approx(0.04)
+    assert (lr[id(model.codec.weight)] == pytest.approx(0.04)
+            and lr[id(model.codec.bias)] == pytest.approx(0.04))
     assert lr[id(model.decoder.weight)] == pytest.approx(0.01)
     # one Adam step with unit gradients moves every parameter by its group's lr (plus decay)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -300,7 +301,8 @@ def test_ray_two_workers_recover_from_killed_worker_and_track_in_mlflow(project,
                 "examples_per_s", "wall_time_s", "steps"):
         assert summary[key] is not None, key
     curves = (project / "plots/train.csv").read_text().splitlines()
-    assert curves[0].startswith("step,") and [int(l.split(",")[0]) for l in curves[1:]] == [2, 4, 6, 8]
+    assert (curves[0].startswith("step,")
+            and [int(l.split(",")[0]) for l in curves[1:]] == [2, 4, 6, 8])
     assert any(p.suffix == ".png" for p in (project / "plots/train_samples").iterdir())
     model, loaded_cfg = ckpt.load_trained(project / "models/checkpoint", device="cpu")
     assert not model.training and loaded_cfg.train.steps == 8

@@ -81,7 +81,8 @@ def test_space_parsing_grid_random_and_points(tmp_path):
     ({"space": {"train.noise.sigmaa0": [0, 8]}}, "train.noise.sigmaa0"),        # unknown key
     ({"space": {"train.noise.sigma0": [0, -8]}}, "train.noise.sigma0"),         # invalid value
     ({"space": {"train.noise.sigma_final": [0, 99]}}, "sigma_final"),           # > sigma0
-    ({"space": {"train.noise.sigma0": [0, 8]}, "scheduler": {"type": "hyperband"}}, "scheduler.type"),
+    ({"space": {"train.noise.sigma0": [0, 8]}, "scheduler": {"type": "hyperband"}},
+     "scheduler.type"),
 ])
 def test_bad_sweep_files_fail_before_ray(tmp_path, content, fragment):
     f = _write(tmp_path / "bad.yaml", content)
@@ -135,9 +136,11 @@ def build_micro_project(root, *extra_overrides):
         "train.val_images=8", "train.sample_prompts=2", "eval.batch_size=8", "eval.num_samples=8",
         f"data.synthetic.out_dir={root / 'raw'}", "data.synthetic.num_train=40",
         "data.synthetic.num_val=12", "data.synthetic.min_side=16", "data.synthetic.max_side=24",
-        "data.synthetic.bad_files=false", f"data.prepared_dir={root / 'prepared'}", "data.workers=1",
+        "data.synthetic.bad_files=false", f"data.prepared_dir={root / 'prepared'}",
+        "data.workers=1",
         f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}", "mlflow.experiment=microtest",
-        f"tune.storage_dir={root / 'tune'}", "tune.max_concurrent_trials=2", "tune.cpus_per_trial=1",
+        f"tune.storage_dir={root / 'tune'}", "tune.max_concurrent_trials=2",
+        "tune.cpus_per_trial=1",
         f"train.storage_dir={root / 'ray_runs'}", "train.max_failures=0") + tuple(extra_overrides))
     params_file = _write(root / "params.yaml", params)
     prepare(load_config(params_file))
@@ -174,7 +177,8 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
     finally:
         ray.shutdown()
 
-    assert len(res["trials"]) == 2 and {r["status"] for r in res["trials"]} <= {"completed", "stopped"}
+    assert (len(res["trials"]) == 2
+            and {r["status"] for r in res["trials"]} <= {"completed", "stopped"})
     assert sorted(r["train.noise.sigma0"] for r in res["trials"]) == [0.0, 4.0]
     assert any(r["status"] == "completed" and r["step"] == 6 for r in res["trials"])
 
@@ -210,8 +214,9 @@ def test_two_trial_sweep_under_ray_tune_logs_nested_mlflow_runs(micro_project, m
 
     # the second call restored the finished sweep: same Tune experiment and parent, no new runs
     assert again["sweep_id"] == res["sweep_id"] and again["parent_run_id"] == res["parent_run_id"]
-    assert len(cl.search_runs([res["experiment_id"]],
-                              filter_string=f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")) == 2
+    assert len(cl.search_runs(
+        [res["experiment_id"]],
+        filter_string=f"tags.mlflow.parentRunId = '{res['parent_run_id']}'")) == 2
 
 
 def test_dvc_set_args_reproduce_an_overlay(tmp_path):

@@ -17,7 +17,7 @@ def _pick(n: int, generator: torch.Generator | None) -> int:
 
 
 def _common(items: list[dict]) -> dict:
-    return {"images": torch.stack([it["image"] for it in items]),                    # [B, H, W, 3] uint8
+    return {"images": torch.stack([it["image"] for it in items]),               # [B, H, W, 3] uint8
             "labels": torch.tensor([it["label"] for it in items], dtype=torch.long)}  # [B]
 
 
@@ -61,11 +61,12 @@ def vqa_batch(items: list[dict], tokenizer, max_len: int,
     prefix = torch.full((B, max_len), PAD_ID, dtype=torch.long)
     for b, it in enumerate(items):
         if not it["qa"]:
-            raise ValueError(f"item {it['id']!r} has no questions (use data.source=synthetic or vqav2)")
+            raise ValueError(f"item {it['id']!r} has no questions "
+                             "(use data.source=synthetic or vqav2)")
         qa = it["qa"][_pick(len(it["qa"]), generator)]
         ids, n_q = qa_tokens(tokenizer, qa["question"], majority_answer(qa["answers"]), max_len)
         text[b, : len(ids)] = torch.tensor(ids)
         loss_mask[b, n_q: len(ids)] = True
         prefix[b, :n_q] = torch.tensor(ids[:n_q], dtype=torch.long)
-    return {**_common(items), "text": text, "text_mask": text != PAD_ID, "text_loss_mask": loss_mask,
-            "prefix": prefix, "prefix_mask": prefix != PAD_ID}
+    return {**_common(items), "text": text, "text_mask": text != PAD_ID,
+            "text_loss_mask": loss_mask, "prefix": prefix, "prefix_mask": prefix != PAD_ID}

@@ -17,7 +17,8 @@ def read_metadata(prepared_dir: str | Path) -> dict:
     """`metadata.json` of a prepared directory: `classes`, `num_train`, `num_val`, `shards`, ..."""
     path = Path(prepared_dir) / "metadata.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run the `prepare` stage first (dvc repro prepare)")
+        raise FileNotFoundError(f"{path} not found: run the `prepare` stage first "
+                                "(dvc repro prepare)")
     return json.loads(path.read_text())
 
 
@@ -47,7 +48,7 @@ class ArrowImageDataset(torch.utils.data.Dataset):
         return pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
 
     def _table(self, shard: int) -> pa.Table:
-        if self._tables is None:       # opened lazily (also after pickling into a DataLoader worker)
+        if self._tables is None:      # opened lazily (also after pickling into a DataLoader worker)
             self._tables = [self._open(p) for p in self.paths]
             self._pixels = [None] * len(self.paths)
         return self._tables[shard]
@@ -108,11 +109,14 @@ class ArrowImageDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.stack([self.image_array(i) for i in idx]))
 
     def column(self, name: str) -> list:
-        """Python values of column `name` (e.g. "captions", "qa") of this worker's items, in order."""
+        """Python values of column `name` (e.g. "captions", "qa") of this worker's items, in
+        order."""
         known = self._table(0).column_names if self.paths else []
         if name not in known:
-            raise ValueError(f"{self.prepared_dir / self.split}: no column {name!r} (columns: {known})")
-        values = [v for shard in range(len(self.paths)) for v in self._table(shard).column(name).to_pylist()]
+            raise ValueError(f"{self.prepared_dir / self.split}: no column {name!r} "
+                             f"(columns: {known})")
+        values = [v for shard in range(len(self.paths))
+                  for v in self._table(shard).column(name).to_pylist()]
         return values if len(self) == self.num_total else [values[int(g)] for g in self.indices]
 
     def labels(self) -> torch.Tensor:

@@ -29,9 +29,10 @@ def fit_pca(images_uint8: np.ndarray, patch_size: int) -> dict:
     """Full PCA (all 3p² components) of the images' patches; see the module docstring."""
     patches = image_patches(images_uint8, patch_size)                     # [M, 3p²]
     if patches.shape[0] < patches.shape[1]:
-        raise ValueError(f"{patches.shape[0]} patches are too few for {patches.shape[1]} components")
+        raise ValueError(f"{patches.shape[0]} patches are too few for "
+                         f"{patches.shape[1]} components")
     pca = PCA(n_components=patches.shape[1], whiten=False, svd_solver="full").fit(patches)
-    return {"components": torch.from_numpy(pca.components_.astype(np.float32)),   # rows = directions
+    return {"components": torch.from_numpy(pca.components_.astype(np.float32)),  # rows = directions
             "mean": torch.from_numpy(pca.mean_.astype(np.float32)),
             "explained_variance": torch.from_numpy(pca.explained_variance_.astype(np.float32)),
             "patch_size": int(patch_size)}

@@ -151,7 +151,8 @@ def _check_unique_ids(records: list[Record], split: str) -> None:
 
 # ----------------------------------------------------------------------------- shards
 def _shard_rows(records: list[dict], resolution: int, min_side: int, stats: dict):
-    ids, images, labels, captions, qas, attributes, skipped, converted = [], [], [], [], [], [], [], []
+    ids, images, labels, captions, qas, attributes, skipped, converted = (
+        [], [], [], [], [], [], [], [])
     for r in records:
         if not os.path.isfile(r["path"]):
             stats["missing"].append({"id": r["id"], "file": r["path"], "reason": "file not found"})
@@ -181,7 +182,8 @@ def write_shard(records: list[dict], path: str, resolution: int, min_side: int) 
         records, resolution, min_side, stats)
     schema = arrow_schema(resolution)
     flat = np.concatenate(images) if images else np.zeros(0, np.uint8)
-    image_col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()), resolution * resolution * 3)
+    image_col = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.uint8()),
+                                                  resolution * resolution * 3)
     table = pa.Table.from_arrays([
         pa.array(ids, pa.string()), image_col, pa.array(labels, pa.int32()),
         pa.array(captions, pa.list_(pa.string())), pa.array(qas, pa.list_(QA_TYPE)),
@@ -213,7 +215,8 @@ def _shard_done(arrow_path: Path) -> bool:
 def _work_hash(cfg, listing: dict) -> str:
     d = cfg.data
     key = {"version": FORMAT_VERSION, "outcomes": 2, "source": d.source, "resolution": d.resolution,
-           "shard_size": d.shard_size, "max_images": d.max_images, "min_image_side": d.min_image_side,
+           "shard_size": d.shard_size, "max_images": d.max_images,
+           "min_image_side": d.min_image_side,
            "source_cfg": asdict(getattr(d, d.source)), "listing": listing}
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -311,8 +314,9 @@ def prepare(cfg, on_shard_done=None) -> dict:
                     "would shift every later label")
         bad = (len(skipped) + len(missing)) / max(total, 1)
         if report["splits"][split]["written"] == 0:
-            raise PrepareError(f"split '{split}' of data.source={d.source!r}: none of the {total} files "
-                               f"could be read; first reasons: {_first_reasons(skipped + missing)}")
+            raise PrepareError(f"split '{split}' of data.source={d.source!r}: none of the "
+                               f"{total} files could be read; first reasons: "
+                               f"{_first_reasons(skipped + missing)}")
         if bad > d.max_bad_fraction:
             raise PrepareError(
                 f"split '{split}' of data.source={d.source!r}: {len(skipped) + len(missing)} of "
@@ -325,7 +329,8 @@ def prepare(cfg, on_shard_done=None) -> dict:
                 o.with_suffix(".arrow").unlink()
     elapsed = time.perf_counter() - t0
     n_files = sum(len(r) for _, r in splits.values())
-    report["seconds"] = {"total": elapsed, "generate": t_read - t0, "prepare": time.perf_counter() - t_read}
+    report["seconds"] = {"total": elapsed, "generate": t_read - t0,
+                         "prepare": time.perf_counter() - t_read}
     report["images_per_s"] = n_files / max(report["seconds"]["prepare"], 1e-9)
     metadata = {"format_version": FORMAT_VERSION, "source": d.source, "classes": classes,
                 "resolution": d.resolution, "image_shape": [d.resolution, d.resolution, 3],
@@ -365,7 +370,8 @@ def _run_jobs(jobs, resolution: int, min_side: int, workers: int, on_shard_done)
                 on_shard_done(outcome)
         return
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(write_shard, chunk, path, resolution, min_side) for chunk, path in jobs]
+        futures = [pool.submit(write_shard, chunk, path, resolution, min_side)
+                   for chunk, path in jobs]
         for f in progress(futures, "prepare shards"):
             outcome = f.result()
             if on_shard_done:

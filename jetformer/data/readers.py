@@ -116,7 +116,8 @@ def _check_dir(path: str | Path, key: str) -> Path:
 
 def list_images(root: Path) -> list[Path]:
     """Image files (by extension) under `root`, sorted, recursively."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 # ----------------------------------------------------------------------------- readers
@@ -131,7 +132,8 @@ def read_imagefolder(root: str | Path, key: str = "images", allow_empty: bool = 
     root = _check_dir(root, key)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise SourceError(f"{key} = '{root}': no class sub-directories (expected <root>/<class>/<image>)")
+        raise SourceError(f"{key} = '{root}': no class sub-directories "
+                          "(expected <root>/<class>/<image>)")
     records, empty = [], []
     for label, name in enumerate(classes):
         files = [p for p in list_images(root / name)
@@ -230,7 +232,8 @@ def read_vqa(questions: str | Path, annotations: str | Path, qkey: str = "questi
         answers = [_require_text(x, "answer", annotations, akey)
                    for x in _require_list(a, "answers", annotations, akey)]
         notes: list[str] = []
-        question = _clean_texts([_require(q, "question", questions, qkey)], f"question {qid}", notes)
+        question = _clean_texts([_require(q, "question", questions, qkey)], f"question {qid}",
+                                notes)
         image_id = _require_id(q, "image_id", questions, qkey, text_ok=False)
         out.setdefault(image_id, []).append({
             "question": question[0] if question else "",
@@ -250,7 +253,8 @@ def read_vqav2(questions: str | Path, annotations: str | Path, images: str | Pat
     for image_id, qa in sorted(read_vqa(questions, annotations, keys[0], keys[1],
                                         stats).items()):
         path = by_id.get(image_id)
-        records.append(Record(id=str(image_id), path=str(path) if path else str(root / f"<image {image_id}>"),
+        records.append(Record(id=str(image_id),
+                              path=str(path) if path else str(root / f"<image {image_id}>"),
                               qa=qa))
     if not records:
         raise SourceError(f"{keys[0]} = '{questions}': no questions")
@@ -264,7 +268,8 @@ def read_synthetic(out_dir: str | Path, split: str) -> tuple[list[str], list[Rec
     p = world_paths(out_dir, split)
     classes, records = read_imagefolder(p["images"], f"data.synthetic.out_dir (images/{split})",
                                         allow_empty=split != "train")
-    coco = {r.path: r for r in read_coco_captions(p["captions"], p["images"], f"captions_{split}.json")}
+    coco = {r.path: r
+            for r in read_coco_captions(p["captions"], p["images"], f"captions_{split}.json")}
     qa = read_vqa(p["questions"], p["answers"], f"questions_{split}.json", f"answers_{split}.json")
     attributes = _load_json(p["attributes"], f"attributes_{split}.json")
     for r in records:
@@ -334,7 +339,8 @@ def load_image(path: str | Path, resolution: int, min_side: int = 1, stats: dict
                 if w * h > MAX_PIXELS:
                     raise BadFile(f"too large ({w}x{h} > {MAX_PIXELS} pixels)")
                 if min(w, h) < min_side:
-                    raise BadFile(f"too small ({w}x{h}, shorter side < data.min_image_side={min_side})")
+                    raise BadFile(f"too small ({w}x{h}, shorter side < "
+                                  f"data.min_image_side={min_side})")
                 counts = {"resized": (w, h) != (resolution, resolution),
                           "downscaled_huge": min(w, h) >= 4 * resolution}
                 if counts["downscaled_huge"] and image.format == "JPEG":

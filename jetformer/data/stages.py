@@ -76,7 +76,8 @@ def run_prepare(cfg: Config, role: str = "pretrain",
     out_metrics = {"role": role, "source": source, **prepare_metrics(report)}
     write_metrics(metrics, out_metrics)      # flat: the per-file lists stay in the report
     for split, s in report["splits"].items():
-        print(f"{split}: {s['written']} written, {s['skipped']} skipped, {s['converted']} converted")
+        print(f"{split}: {s['written']} written, {s['skipped']} skipped, "
+              f"{s['converted']} converted")
         for x in s["skipped_files"]:
             print(f"  skipped {x['file']}: {x['reason']}")
     print(f"{out_metrics['images_per_s']:.0f} images/s; prepare@{role} ({source}) -> {out} ready")
@@ -132,6 +133,6 @@ def run_fit_pca(cfg: Config) -> Path | None:
     ev = pca["explained_variance"].numpy()
     keep = cfg.model.factored_dims
     print(f"fit_pca: {n} images, {n * cfg.num_image_tokens} patches; the first "
-          f"{keep} of {len(ev)} components explain {ev[:keep].sum() / ev.sum():.1%} of the variance "
-          f"-> {out}")
+          f"{keep} of {len(ev)} components explain {ev[:keep].sum() / ev.sum():.1%} of the "
+          f"variance -> {out}")
     return out

@@ -72,7 +72,8 @@ def training_texts(prepared_dir: str | Path) -> list[str]:
     meta = read_metadata(prepared_dir)
     texts = [c.replace("_", " ") for c in meta["classes"]]
     for shard in meta["shards"]["train"]:
-        table = pa.ipc.open_file(pa.memory_map(str(Path(prepared_dir) / "train" / shard))).read_all()
+        table = pa.ipc.open_file(
+            pa.memory_map(str(Path(prepared_dir) / "train" / shard))).read_all()
         for caps in table.column("captions").to_pylist():
             texts.extend(caps or [])
         for qas in table.column("qa").to_pylist():

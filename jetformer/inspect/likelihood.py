@@ -11,8 +11,8 @@ The image NLL is a sum over the N patches of three parts, each in bits:
 so that  sum_i (gmm_i + factored_i + logdet_i) = the image's NLL in bits = bpd * H*W*3, with bpd
 the model's `image_bits_per_dim`. Each patch has D_p = 3p^2 dims, so the mean of the per-patch
 bits/dim is the image's bits/dim. A coupling's log-det is a sum over patches and channels of its
-log-scales (`Coupling.token_logdet`), which is what assigns it to patches; its scales depend on every
-patch (the coupling nets attend over the whole image).
+log-scales (`Coupling.token_logdet`), which is what assigns it to patches; its scales depend on
+every patch (the coupling nets attend over the whole image).
 """
 from __future__ import annotations
 

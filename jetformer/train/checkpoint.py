@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
     parser = argparse.ArgumentParser(prog="python -m jetformer.train.checkpoint")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("convert", help="rewrite old (pickled numpy RNG state) checkpoints as plain data")
+    p = sub.add_parser("convert",
+                       help="rewrite old (pickled numpy RNG state) checkpoints as plain data")
     p.add_argument("paths", nargs="+", help="model.pt / state.pt or their directories")
     args = parser.parse_args(argv)
     try:

@@ -238,7 +238,8 @@ class _Trainer:
                              f"({s['config_hash']} != {ckpt.training_hash(self.cfg)})")
         if s["world_size"] != self.world_size:
             raise ValueError(f"{checkpoint_dir}: written by {s['world_size']} workers, resuming "
-                             f"with {self.world_size}: per-worker data order and RNG cannot carry over")
+                             f"with {self.world_size}: per-worker data order and RNG cannot "
+                             "carry over")
         self.model.load_state_dict(s["model"])
         if self.ema is not None:
             self.ema.load_state_dict(s["ema"])
@@ -468,7 +469,8 @@ def train_loop(cfg: Config, *, rank: int, world_size: int, reporter: Reporter,
                 if progress is not None and val:
                     progress({"event": "val", "step": tr.step, **val})
                 if tr.history and tr.history[-1]["step"] == tr.step:
-                    tr.history[-1].update({k: v for k, v in metrics.items() if k.startswith("val_")})
+                    tr.history[-1].update({k: v for k, v in metrics.items()
+                                           if k.startswith("val_")})
                 if rank == 0 and (is_last or sample_now):
                     tr.add_samples()
             metrics.update(train_time_s=tr.train_time, done=is_last,
