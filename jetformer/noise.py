@@ -1,9 +1,10 @@
-"""Dequantisation and the RGB noise curriculum (paper §3.1-3.2, DESIGN §3).
+"""Dequantisation and the RGB noise curriculum (paper §3.1-3.2).
 
 Pixels live in [0, 255]. The curriculum adds Gaussian noise in *pixel units* and rounds,
-without clipping (official code, facts item 5). The model sees `x = I/127.5 - 1 + u`,
-`u ~ U(0, 1/127.5)`: a continuous density on x is a lower bound on the discrete likelihood
-of I (paper §3.1), and the 1/127.5 scaling costs log2(127.5) bits per dimension.
+without clipping (big_vision `trainers/proj/jetformer/train.py`, `loss_fn`). The model sees
+`x = I/127.5 - 1 + u`, `u ~ U(0, 1/127.5)`: a continuous density on x is a lower bound on the
+discrete likelihood of I (paper §3.1), and the 1/127.5 scaling costs log2(127.5) bits per
+dimension.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def sigma_at(progress: float, noise_cfg) -> float:
 
 def curriculum_noise(images_uint8: torch.Tensor, sigma, generator: torch.Generator | None = None
                      ) -> torch.Tensor:
-    """`round(I + sigma * N(0, 1))` in pixel units, NOT clipped (facts item 5).
+    """`round(I + sigma * N(0, 1))` in pixel units, NOT clipped (big_vision
+    `trainers/proj/jetformer/train.py`, `loss_fn`).
 
     images_uint8: [B, H, W, C] integer pixels. sigma: a float or a [B] tensor of per-row stds
     (0 leaves a row unchanged, e.g. image-prefix rows). Returns float32 pixels [B, H, W, C].
@@ -62,7 +64,8 @@ def to_model_space(pixels: torch.Tensor, generator: torch.Generator | None = Non
 
 
 def from_model_space(x: torch.Tensor) -> torch.Tensor:
-    """Model space -> uint8 pixels: clip to [-1, 1], rescale, round (facts item 19)."""
+    """Model space -> uint8 pixels: clip to [-1, 1] (as big_vision
+    `models/proj/jetformer/patch_pca.py` `Model.decode`), rescale, round."""
     pixels = (x.detach().to(torch.float32).clamp(-1.0, 1.0) + 1.0) * PIXEL_SCALE
     return torch.round(pixels).clamp(0, 255).to(torch.uint8)
 

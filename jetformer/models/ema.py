@@ -2,8 +2,10 @@
 
     ema <- decay * ema + (1 - decay) * weights        after every optimiser step
 
-The official JetFormer recipe uses no EMA (facts item 14); community re-implementations report
-that it helps samples. When enabled, sampling and evaluation use the averaged weights.
+The official JetFormer recipe uses no EMA (big_vision `trainers/proj/jetformer/train.py` reads
+`ema_decay`, default 0, and `configs/proj/jetformer/jetformer_imagenet2012.py` sets 0.0);
+community re-implementations report that it helps samples. When enabled, sampling and evaluation
+use the averaged weights.
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Optimiser, learning-rate schedule and gradient clipping (DESIGN §3; facts item 14).
+"""Optimiser, learning-rate schedule and gradient clipping (paper §4, training details;
+big_vision `configs/proj/jetformer/jetformer_imagenet2012.py`: `optax_name`, `lr`, `wd`,
+`wd_mults`, `schedule`, `grad_clip_norm`).
 
 Adam(β1, β2 = 0.95), linear warm-up then cosine decay to 0, global-norm clipping at 1.0, and a
 decoupled weight decay of 1e-4 that is *not* scaled by the learning rate, on weight matrices only.

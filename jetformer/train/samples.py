@@ -1,5 +1,6 @@
 """Sample grids during training: for a few val captions (or classes), the real image followed by
-samples drawn with CFG, one row per prompt under its caption (DESIGN §1: grids under `plots/`)."""
+samples drawn with CFG, one row per prompt under its caption (grids under `plots/`: the `train`
+stage's `train_samples` plot in dvc.yaml)."""
 from __future__ import annotations
 
 import io
