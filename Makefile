@@ -1,6 +1,7 @@
 # Two commands for a fresh machine (see README):
 #   make repro   install everything into .venv and run the whole DVC pipeline on the default data
-#   make test    install everything into .venv and run the test suite (incl. a micro `dvc repro`)
+#   make test    install everything into .venv, run ruff, then the test suite (incl. a micro
+#                `dvc repro`)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -22,6 +23,7 @@ repro: install
 	$(BIN)/dvc repro
 
 test: install
+	$(BIN)/ruff check jetformer tests pipelines benchmarks
 	$(BIN)/python -m pytest -q
 
 # the self-contained benchmarks; peer_compare.py (needs --peer), paper_step.py (~20 GiB, minutes)
