@@ -401,13 +401,17 @@ def verdict(row: Row, stats: dict, base: dict) -> tuple[str, str]:
     return "reproduced", text
 
 
-def table_rows(results: dict[str, list[dict]]) -> list[dict]:
-    """One row per ablation with mean/std/n per metric, the FID change and the verdict."""
+def table_rows(results: dict[str, list[dict]], planned: tuple[str, ...] = ()) -> list[dict]:
+    """One row per ablation with mean/std/n per metric, the FID change and the verdict; a
+    `planned` row without any measured seed is listed as *pending*."""
     stats = summarise(results)
     base = stats.get("baseline")
     rows = []
     for r in ROWS:
         if r.name not in stats:
+            if r.name in planned:
+                rows.append({"ablation": r.name, "what": r.what, "seeds": 0, "paper": r.paper,
+                             "verdict": "pending", "verdict_text": "not measured yet"})
             continue
         st = stats[r.name]
         row = {"ablation": r.name, "what": r.what, "seeds": st["fid"][2] or
@@ -442,7 +446,7 @@ def to_markdown(rows: list[dict], header: str) -> str:
     lines += [f"- `{r['ablation']}` **{r['verdict']}**: {r['verdict_text']}"
               for r in rows if r.get("verdict_text")]
     counts = {v: sum(r["verdict"] == v for r in rows)
-              for v in ("reproduced", "contradicted", "inconclusive", "broken")}
+              for v in ("reproduced", "contradicted", "inconclusive", "broken", "pending")}
     lines += ["", "Summary: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."]
     return "\n".join(lines) + "\n"
 
@@ -512,11 +516,15 @@ def _parent_run(cfg: Config, base_hash: str, storage: Path, table: str) -> dict:
 
 
 def run_ablations(params="params.yaml", presets=(), sets=(), only=(), seeds: int = 2,
-                  fresh: bool = False, out_dir="experiments/results") -> list[dict]:
+                  fresh: bool = False, out_dir="experiments/results",
+                  report_only: bool = False) -> list[dict]:
     """Run every (row, seed) not measured yet with the same settings, then write the tables;
-    returns the table rows."""
+    returns the table rows. `report_only`: write the tables from the points measured so far
+    (the others *pending*) and run nothing, e.g. while a campaign is under way."""
     points = plan(params, presets, sets, only, seeds, out_dir)
     base_cfg = load_config(next(p["config"] for p in points.values() if p["row"] == "baseline"))
+    if report_only:
+        return write_tables(points, base_cfg, presets, sets, seeds, out_dir)
     ensure_inputs(base_cfg)
     for p in points.values():
         cfg = load_config(p["config"])
@@ -586,7 +594,7 @@ def write_tables(points: dict, base: Config, presets, sets, seeds: int, out_dir,
     """ablations.md / .csv from the result files (and to the parent MLflow run)."""
     from jetformer.train.checkpoint import atomic_write_bytes
     metrics, full = collect(points)
-    rows = table_rows(metrics)
+    rows = table_rows(metrics, tuple(dict.fromkeys(p["row"] for p in points.values())))
     steps = sorted({r["steps"] for rs in full.values() for r in rs})
     wall = sum(r.get("wall_time_s", 0) for rs in full.values() for r in rs)
     t = base.train
@@ -620,7 +628,8 @@ def write_tables(points: dict, base: Config, presets, sets, seeds: int, out_dir,
 
 def cli_ablate(args) -> int:
     rows = run_ablations(args.params, args.preset, args.set, args.only,
-                         getattr(args, "seeds", 2), getattr(args, "fresh", False), args.out_dir)
+                         getattr(args, "seeds", 2), getattr(args, "fresh", False), args.out_dir,
+                         getattr(args, "report", False))
     for r in rows:
         print(f"{r['ablation']:18s} seeds {r['seeds']} fid {md_cell(r.get('fid'))} ± "
               f"{md_cell(r.get('fid_std'))} bpd {md_cell(r.get('val_bits_per_dim'))} -> "

@@ -100,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], help="run only these ablations")
     p.add_argument("--seeds", type=int, default=2, help="seeds per row (seed = train.seed = k)")
     p.add_argument("--fresh", action="store_true", help="rerun rows already measured")
+    p.add_argument("--report", action="store_true",
+                   help="only write the tables from the rows measured so far (run nothing)")
     p.add_argument("--out-dir", default="experiments/results")
 
     p = sub.add_parser("sweep", help=COMMANDS["sweep"][2])

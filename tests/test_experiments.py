@@ -462,3 +462,25 @@ def test_ablate_refuses_a_role_that_points_at_another_world(tmp_path, monkeypatc
     write_role("data/other/fid", {"data": "data/prepared/pretrain", "unavailable": ""})
     with pytest.raises(ValueError, match=r"data\.roles\.fid.*data/prepared/pretrain"):
         ensure_roles(cfg)
+
+
+def test_ablate_report_lists_unmeasured_rows_as_pending_and_runs_nothing(tmp_path):
+    """`ablate --report` mid-campaign: measured rows with their numbers, the others pending."""
+    import json
+
+    from jetformer.ablate import plan, run_ablations
+    points = plan(PARAMS, ["tiny", "class_conditional"], only=["no_flow", "one_mixture"],
+                  seeds=1, out_dir=tmp_path)
+    for key in ("baseline/seed0", "no_flow/seed0"):
+        p = points[key]
+        Path(p["result"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(p["result"]).write_text(json.dumps({
+            "row": p["row"], "seed": 0, "config_hash": p["hash"], "steps": 5,
+            "metrics": _seeds([10.0 if p["row"] == "baseline" else 30.0])[0]}))
+    rows = run_ablations(PARAMS, ["tiny", "class_conditional"], only=["no_flow", "one_mixture"],
+                         seeds=1, out_dir=tmp_path, report_only=True)
+    assert {r["ablation"]: r["verdict"] == "pending" for r in rows} == {
+        "baseline": False, "no_flow": False, "one_mixture": True}
+    text = (tmp_path / "ablations.md").read_text()
+    assert "| one_mixture | 0 |" in text and "1 pending" in text
+    assert not (tmp_path / "ablations" / "one_mixture").exists()     # nothing was run
