@@ -34,6 +34,8 @@ def finetune(model, cfg, dataset, tokenizer, *, task: str, steps: int, lr: float
     if steps <= 0:
         return []
     make_batch = caption_batch if task == "caption" else vqa_batch
+    torch.manual_seed(seed + 2)   # dropout masks come from the global RNG: without this the
+    # fine-tune would depend on whatever drew from it before (imports, model loading)
     g = torch.Generator().manual_seed(seed)                                  # data (CPU)
     step_gen = torch.Generator(device=model.device).manual_seed(seed + 1)   # dequantisation noise
     opt = build_optimizer(model, dataclasses.replace(cfg.train, lr=lr))
