@@ -153,7 +153,7 @@ def ensure_roles(cfg: Config) -> None:
     from jetformer.config import ROLES, role_prepared_dir, role_source
     from jetformer.data.roles import ROLE_FILE, read_role
     from jetformer.data.stages import run_prepare
-    for role in ROLES[1:]:
+    for role in (r for r in ROLES if r != "pretrain"):
         out = Path(role_prepared_dir(cfg.data, role))
         if not (out / ROLE_FILE).is_file() and not (out / "metadata.json").is_file():
             if cfg.data.source != "synthetic":
