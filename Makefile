@@ -22,9 +22,11 @@ repro: install
 	test -d .dvc || $(BIN)/dvc init -q
 	$(BIN)/dvc repro
 
+# the tests run on up to 4 processes (pytest-xdist), a module per process at a time (module-scoped
+# fixtures are built once); tests/conftest.py starts the longest modules first
 test: install
 	$(BIN)/ruff check jetformer tests pipelines benchmarks
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 
 # the self-contained benchmarks; peer_compare.py (needs --peer), paper_step.py (~20 GiB, minutes)
 # and gpu_check.sh (CUDA) are run by hand, see README "Scaling up"

@@ -1,4 +1,6 @@
 """Shared test fixtures: small configs built through the real `load_config`."""
+from collections import Counter
+
 import pytest
 import torch
 
@@ -16,6 +18,14 @@ TINY_OVERRIDES = (
     "model.num_class_tokens=2", "tokenizer.max_text_len=8",
     "train.batch_size=4", "train.num_workers=1", "train.steps=10",
 )
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules with the most `slow` tests first (stable otherwise). Under `make test`'s
+    `-n ... --dist loadscope --no-loadscope-reorder` each process takes one module at a time in
+    this order, so the longest module (the DVC pipeline's) starts at once, not last."""
+    slow = Counter(item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.nodeid.split("::")[0]])
 
 
 def make_tiny_cfg(*extra_overrides: str):
