@@ -19,9 +19,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
-PLAIN_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+PLAIN_SCALARS = (int, float, bool, str, bytes, type(None))   # and torch.dtype, torch.device
 CONVERT_HINT = ("if it is a JetFormer checkpoint written before checkpoints were plain data "
                 "and you trust its origin, convert it once with `python -m "
                 "jetformer.train.checkpoint convert {path}`")
@@ -33,7 +31,8 @@ class UnsafeFileError(ValueError):
 
 def check_plain(obj, where: str = "") -> None:
     """Raise TypeError naming the first value that `weights_only` loading could not read."""
-    if torch.is_tensor(obj) or isinstance(obj, PLAIN_SCALARS):
+    import torch      # here, not at the top: the stages that write no torch file never load it
+    if torch.is_tensor(obj) or isinstance(obj, PLAIN_SCALARS + (torch.dtype, torch.device)):
         return
     if isinstance(obj, dict):
         for k, v in obj.items():
@@ -122,6 +121,7 @@ def atomic_save_figure(fig, path: str | Path, **savefig) -> None:
 
 def atomic_torch_save(obj, path: str | Path) -> None:
     """`torch.save` of plain data (checked first, see `check_plain`) to `path`, atomically."""
+    import torch
     check_plain(obj)
     atomic_write(path, lambda f: torch.save(obj, f))
 
@@ -136,6 +136,7 @@ def safe_load(path: str | Path, what: str = "file"):
     """`torch.load(path, weights_only=True)` on CPU, with one-line errors naming the file:
     FileNotFoundError if missing, UnsafeFileError if loading it would execute code (nothing
     of it runs), ValueError if it is truncated or not a torch file."""
+    import torch
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")

@@ -225,12 +225,12 @@ def test_writer_killed_mid_write_leaves_previous_checkpoint_intact(full_run, tmp
     child = f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-from jetformer import safe_io
 from jetformer.train import checkpoint as ckpt
 def slow_save(obj, f):
     for _ in range(600):
         f.write(b"x" * 1024); f.flush(); time.sleep(0.01)
-safe_io.torch.save = slow_save
+import torch
+torch.save = slow_save
 ckpt.save_state({str(tmp_path)!r}, {{"step": 99}})
 """
     proc = subprocess.Popen([sys.executable, "-c", child],
@@ -267,7 +267,7 @@ def test_failing_checkpoint_write_during_training_keeps_previous_and_resumes(pro
             raise OSError(errno.ENOSPC, "No space left on device")
         real_save(obj, f)
 
-    monkeypatch.setattr(safe_io.torch, "save", save)
+    monkeypatch.setattr(torch, "save", save)
     keep = Keep(tmp_path / "run")
     with pytest.raises(OSError, match="No space left"):
         train_loop(micro_cfg(project), rank=0, world_size=1, reporter=keep)

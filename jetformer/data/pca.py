@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.decomposition import PCA
 
 from jetformer.models.jet import patchify
 from jetformer.safe_io import atomic_torch_save, safe_load
@@ -27,6 +26,7 @@ def image_patches(images_uint8: np.ndarray, p: int) -> np.ndarray:
 
 def fit_pca(images_uint8: np.ndarray, patch_size: int) -> dict:
     """Full PCA (all 3p² components) of the images' patches; see the module docstring."""
+    from sklearn.decomposition import PCA     # (2 s to import: only the stage that fits it)
     patches = image_patches(images_uint8, patch_size)                     # [M, 3p²]
     if patches.shape[0] < patches.shape[1]:
         raise ValueError(f"{patches.shape[0]} patches are too few for "

@@ -116,8 +116,6 @@ def fit_train_pca(cfg: Config) -> tuple[dict, int]:
 def run_fit_pca(cfg: Config) -> Path | None:
     """When `pca.enabled`, fit PCA on training patches and save it to `pca.out_path` (returned);
     otherwise leave a DISABLED.txt note in its directory (returns None)."""
-    from jetformer.data.pca import save_pca
-
     out = Path(cfg.pca.out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     note_path = out.parent / "DISABLED.txt"
@@ -128,6 +126,7 @@ def run_fit_pca(cfg: Config) -> Path | None:
         note_path.write_text(note)
         print("fit_pca: " + note.strip())
         return None
+    from jetformer.data.pca import save_pca
     pca, n = fit_train_pca(cfg)
     save_pca(pca, out)
     ev = pca["explained_variance"].numpy()

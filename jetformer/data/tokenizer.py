@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import sentencepiece as spm
-import torch
 
 from jetformer.safe_io import atomic_write_bytes
+
+if TYPE_CHECKING:      # torch is imported where tensors are made: the `tokenizer` stage needs none
+    import torch
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -43,7 +45,7 @@ class TextTokenizer:
 
     def decode(self, ids) -> str:
         """Text of `ids` up to the first EOS; pad/bos are dropped."""
-        if isinstance(ids, torch.Tensor):
+        if hasattr(ids, "tolist"):                 # a tensor or an array
             ids = ids.tolist()
         out = []
         for i in ids:
@@ -56,6 +58,7 @@ class TextTokenizer:
     def encode_batch(self, texts: list[str], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(tokens long [B, max_len], mask bool [B, max_len]); each row ends with EOS (texts
         longer than max_len - 1 tokens are truncated), then pad 0."""
+        import torch
         tokens = torch.full((len(texts), max_len), PAD_ID, dtype=torch.long)
         for b, text in enumerate(texts):
             ids = self.encode(text, eos=False)[: max_len - 1] + [EOS_ID]
