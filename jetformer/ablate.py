@@ -21,7 +21,9 @@ pipeline's own model, with a verdict per row.
   with a baseline that has not learnt its conditioning every row is `inconclusive`; else the
   FID change against the baseline is compared with its standard error over the seeds:
   `inconclusive` within 2 SE, else `reproduced` / `contradicted` by the paper's direction, and
-  the text states the effect, the spread and the paper's wording.
+  the text states the effect, the spread and the paper's wording. `pca_no_curriculum` is
+  measured against `pca`, and its claim is an interaction: the curriculum's FID change with
+  PCA is smaller than without (`no_curriculum` against the baseline) by more than 2 SE.
 
 Writes `experiments/results/ablations.md` and `.csv` (mean, std and seeds per metric).
 """
@@ -53,6 +55,9 @@ class Row:
     paper: str              # the paper's wording (ImageNet 256, class-conditional, 100 epochs)
     fid_worse: bool | None  # the paper's direction for FID against the baseline (None: reference)
     size: str = ""          # the paper's magnitude: catastrophic | large | moderate | slight
+    versus: str = "baseline"  # the row whose FID the change is measured against
+    smaller_than: tuple[str, str] | None = None   # the paper: this change is smaller than the
+    #                                               FID of row [0] minus row [1]'s
 
 
 ROWS = (
@@ -69,7 +74,8 @@ ROWS = (
         "underperforms post-flow factoring", True, "moderate"),
     Row("pca", "PCA factoring (frozen W from PCA)", "somewhat worse", True, "moderate"),
     Row("pca_no_curriculum", "PCA factoring, no noise curriculum",
-        "worse than PCA, but the curriculum matters less than without PCA", True, "moderate"),
+        "worse than PCA, but the curriculum matters less than without PCA", True, "moderate",
+        versus="pca", smaller_than=("no_curriculum", "baseline")),
     Row("one_mixture", "1 GMM component", "relatively mild drop, significant recall drop", True,
         "slight"),
     Row("one_class_token", "1 class token instead of 16", "slight performance drop", True,
@@ -367,8 +373,18 @@ def sanity_failures(stats: dict, base: dict) -> list[str]:
     return out
 
 
-def verdict(row: Row, stats: dict, base: dict) -> tuple[str, str]:
-    """(verdict, text) of one row against the baseline (module docstring)."""
+def _fid_change(stats: dict, ref: dict) -> tuple[float, float, float, int, int]:
+    """(FID change, its relative size, its standard error, seeds, reference seeds)."""
+    (m, s, n), (bm, bs, bn) = stats["fid"], ref["fid"]
+    effect = m - bm
+    se = math.sqrt(s ** 2 / n + bs ** 2 / bn) if n >= 2 and bn >= 2 else math.nan
+    return effect, effect / bm if bm else math.nan, se, n, bn
+
+
+def verdict(row: Row, stats: dict, base: dict, every: dict | None = None) -> tuple[str, str]:
+    """(verdict, text) of one row: its FID change against `row.versus` (the baseline unless
+    said otherwise; `every` holds each row's stats), and for a `smaller_than` claim the
+    difference of the two changes (module docstring)."""
     if row.fid_worse is None:
         return "reference", ""
     bacc = base["attribute_accuracy"][0]
@@ -379,26 +395,53 @@ def verdict(row: Row, stats: dict, base: dict) -> tuple[str, str]:
         return "inconclusive", (f"the baseline's class-prompt attribute accuracy {bacc:.3f} < "
                                 f"{MIN_BASELINE_ACCURACY}: it has not learnt its conditioning at "
                                 "this budget (raise train.steps)")
-    (m, s, n), (bm, bs, bn) = stats["fid"], base["fid"]
+    every = every or {"baseline": base}
+    needed = [row.versus, *(row.smaller_than or ())]
+    if any(r not in every for r in needed):
+        return "inconclusive", f"needs the rows {needed} measured first"
+    ref = every[row.versus]
+    m, bm = stats["fid"][0], ref["fid"][0]
     if not (math.isfinite(m) and math.isfinite(bm)):
         return "inconclusive", "FID missing"
-    effect, rel = m - bm, (m - bm) / bm if bm else math.nan
-    if n < 2 or bn < 2:
-        return "inconclusive", (f"FID {effect:+.3g} ({rel:+.0%}) vs the baseline with "
+    effect, rel, se, n, bn = _fid_change(stats, ref)
+    if not math.isfinite(se):
+        return "inconclusive", (f"FID {effect:+.3g} ({rel:+.0%}) vs {row.versus} with "
                                 f"{n}+{bn} seeds: no spread to judge it by (use --seeds >= 2)")
-    se = math.sqrt(s ** 2 / n + bs ** 2 / bn)
     ratio = abs(effect) / se if se > 0 else math.inf
-    text = (f"FID {m:.3g} vs baseline {bm:.3g}: {effect:+.3g} ({rel:+.0%}), {ratio:.1f}x its "
-            f"standard error {se:.3g} ({n}+{bn} seeds); paper: \"{row.paper}\"")
+    text = (f"FID {m:.3g} vs {row.versus} {bm:.3g}: {effect:+.3g} ({rel:+.0%}), {ratio:.1f}x "
+            f"its standard error {se:.3g} ({n}+{bn} seeds); paper: \"{row.paper}\"")
+    wrong_way = ratio > SIGNIFICANCE and (effect > 0) != row.fid_worse
+    if row.smaller_than:
+        return _smaller_than_verdict(row, effect, se, every, text, wrong_way)
     if ratio <= SIGNIFICANCE:
         return "inconclusive", text + f" (within {SIGNIFICANCE:g} SE)"
-    if (effect > 0) != row.fid_worse:
+    if wrong_way:
         return "contradicted", text
     lo, hi = SIZES.get(row.size, (-math.inf, math.inf))
     if math.isfinite(rel) and not lo <= rel <= hi:
         text += (f"; the size differs from the paper's wording ({row.size}: "
                  f"{lo:+.0%}..{hi:+.0%})")
     return "reproduced", text
+
+
+def _smaller_than_verdict(row: Row, effect: float, se: float, every: dict, text: str,
+                          wrong_way: bool) -> tuple[str, str]:
+    """The paper's claim that this row's FID change (`effect` ± `se`) is smaller than row
+    a's against row b's (`row.smaller_than`), e.g. the curriculum matters less with PCA:
+    reproduced when the difference exceeds 2 SE, contradicted when the change itself goes
+    the wrong way or is larger by 2 SE."""
+    a, b = row.smaller_than
+    other, _, other_se, _, _ = _fid_change(every[a], every[b])
+    gap, gap_se = other - effect, math.sqrt(se ** 2 + other_se ** 2)
+    if not math.isfinite(gap_se):
+        return "inconclusive", text + f"; {a} vs {b} has no spread to judge the claim by"
+    text += (f"; the same change without it ({a} vs {b}): {other:+.3g}, larger by {gap:+.3g}, "
+             f"{abs(gap) / gap_se:.1f}x the standard error {gap_se:.3g} of the difference")
+    if wrong_way or gap < -SIGNIFICANCE * gap_se:
+        return "contradicted", text
+    if gap > SIGNIFICANCE * gap_se:
+        return "reproduced", text
+    return "inconclusive", text + f" (within {SIGNIFICANCE:g} SE)"
 
 
 def table_rows(results: dict[str, list[dict]], planned: tuple[str, ...] = ()) -> list[dict]:
@@ -422,7 +465,8 @@ def table_rows(results: dict[str, list[dict]], planned: tuple[str, ...] = ()) ->
         row["fid_vs_baseline"] = (st["fid"][0] - base["fid"][0]) if base and r.fid_worse \
             is not None else None
         row["paper"] = r.paper
-        row["verdict"], row["verdict_text"] = verdict(r, st, base) if base else ("n/a", "")
+        row["verdict"], row["verdict_text"] = verdict(r, st, base, stats) if base else \
+            ("n/a", "")
         rows.append(row)
     return rows
 

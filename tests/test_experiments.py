@@ -276,6 +276,31 @@ def test_ablation_verdicts_weigh_the_effect_against_the_spread():
     assert "| no_flow | 2 | 32 ± 2.828 |" in md and "1 reproduced, 1 contradicted" in md
 
 
+def test_pca_without_curriculum_is_judged_by_the_curriculum_effect_with_and_without_pca():
+    """Paper: with PCA the curriculum matters less. pca_no_curriculum is measured against pca,
+    and its claim holds when that change is smaller than no_curriculum's against the baseline
+    by more than 2 standard errors of the difference."""
+    from jetformer.ablate import table_rows
+
+    def judged(pca_nc, no_curriculum=(40.0, 44.0)):
+        results = {"baseline": _seeds([10.0, 12.0]), "pca": _seeds([12.0, 14.0]),
+                   "pca_no_curriculum": _seeds(pca_nc)}
+        if no_curriculum:
+            results["no_curriculum"] = _seeds(no_curriculum)
+        return next(r for r in table_rows(results) if r["ablation"] == "pca_no_curriculum")
+    small = judged([15.0, 17.0])                   # +3 with PCA against +31 without
+    assert small["verdict"] == "reproduced", small["verdict_text"]
+    assert "vs pca 13" in small["verdict_text"] and "larger by +28" in small["verdict_text"]
+    same = judged([42.0, 46.0])                    # +31 with PCA too: the claim fails...
+    assert same["verdict"] == "inconclusive", same["verdict_text"]
+    larger = judged([80.0, 84.0])                  # ... and much larger: contradicted
+    assert larger["verdict"] == "contradicted", larger["verdict_text"]
+    better = judged([8.0, 9.0])                    # better than PCA: the direction is wrong
+    assert better["verdict"] == "contradicted", better["verdict_text"]
+    missing = judged([15.0, 17.0], no_curriculum=None)
+    assert missing["verdict"] == "inconclusive" and "no_curriculum" in missing["verdict_text"]
+
+
 def test_ablation_resume_skips_points_measured_with_the_same_settings(tmp_path):
     """A result file with the point's config hash counts as measured; a changed setting (or a
     corrupt file) makes the point pending again; the table is built from the files."""
