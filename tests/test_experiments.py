@@ -276,6 +276,22 @@ def test_ablation_verdicts_weigh_the_effect_against_the_spread():
     assert "| no_flow | 2 | 32 ± 2.828 |" in md and "1 reproduced, 1 contradicted" in md
 
 
+def test_one_mixture_needs_the_recall_drop_the_paper_reports():
+    """Paper: 1 mixture gives a mild FID drop *and* a significant recall drop: both must hold
+    for "reproduced"; a recall rise contradicts it."""
+    from jetformer.ablate import table_rows
+
+    def judged(recall):
+        results = {"baseline": _seeds([10.0, 12.0], recall=0.8),
+                   "one_mixture": [dict(m, recall=r) for m, r in
+                                   zip(_seeds([13.0, 14.0]), recall)]}
+        return next(r for r in table_rows(results) if r["ablation"] == "one_mixture")
+    assert judged([0.5, 0.52])["verdict"] == "reproduced"
+    unclear = judged([0.7, 0.9])                         # FID worse, recall within the spread
+    assert unclear["verdict"] == "inconclusive" and "recall" in unclear["verdict_text"]
+    assert judged([0.95, 0.97])["verdict"] == "contradicted"
+
+
 def test_pca_without_curriculum_is_judged_by_the_curriculum_effect_with_and_without_pca():
     """Paper: with PCA the curriculum matters less. pca_no_curriculum is measured against pca,
     and its claim holds when that change is smaller than no_curriculum's against the baseline
