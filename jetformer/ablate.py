@@ -375,7 +375,7 @@ def sanity_failures(stats: dict, base: dict) -> list[str]:
     return out
 
 
-def _fid_change(stats: dict, ref: dict, key: str = "fid") -> tuple[float, float, float, int, int]:
+def _change(stats: dict, ref: dict, key: str = "fid") -> tuple[float, float, float, int, int]:
     """(change of `key`, its relative size, its standard error, seeds, reference seeds)."""
     (m, s, n), (bm, bs, bn) = stats[key], ref[key]
     effect = m - bm
@@ -405,7 +405,7 @@ def verdict(row: Row, stats: dict, base: dict, every: dict | None = None) -> tup
     m, bm = stats["fid"][0], ref["fid"][0]
     if not (math.isfinite(m) and math.isfinite(bm)):
         return "inconclusive", "FID missing"
-    effect, rel, se, n, bn = _fid_change(stats, ref)
+    effect, rel, se, n, bn = _change(stats, ref)
     if not math.isfinite(se):
         return "inconclusive", (f"FID {effect:+.3g} ({rel:+.0%}) vs {row.versus} with "
                                 f"{n}+{bn} seeds: no spread to judge it by (use --seeds >= 2)")
@@ -436,7 +436,7 @@ def _drops(row: Row, stats: dict, ref: dict) -> tuple[str, str]:
     ("rises", which wins), or neither ("unclear"); and the changes as text."""
     state, text = "falls", ""
     for key in row.drops:
-        change, rel, se, n, bn = _fid_change(stats, ref, key)
+        change, rel, se, n, bn = _change(stats, ref, key)
         ratio = abs(change) / se if se > 0 else math.inf
         text += (f"; {key} {change:+.3g} ({rel:+.0%}), {ratio:.1f}x its standard error "
                  f"{se:.3g}")
@@ -454,7 +454,7 @@ def _smaller_than_verdict(row: Row, effect: float, se: float, every: dict, text:
     reproduced when the difference exceeds 2 SE, contradicted when the change itself goes
     the wrong way or is larger by 2 SE."""
     a, b = row.smaller_than
-    other, _, other_se, _, _ = _fid_change(every[a], every[b])
+    other, _, other_se, _, _ = _change(every[a], every[b])
     gap, gap_se = other - effect, math.sqrt(se ** 2 + other_se ** 2)
     if not math.isfinite(gap_se):
         return "inconclusive", text + f"; {a} vs {b} has no spread to judge the claim by"
