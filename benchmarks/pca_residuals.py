@@ -81,6 +81,10 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(REPO / "params.yaml", overlays=[args.preset] if args.preset else [],
                       overrides=["pca.enabled=true"])
+    if not (Path(cfg.data.prepared_dir) / "metadata.json").is_file():
+        raise SystemExit(f"{cfg.data.prepared_dir}: no prepared data for preset {args.preset}; "
+                         "`python -m jetformer ablate --preset table2` prepares the photo world "
+                         "on first use, `dvc repro prepare` the default one (--preset '')")
     pca, n_train = fit_train_pca(cfg)
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n_val = min(args.val_images, len(val))
