@@ -123,7 +123,8 @@ def best_overlay_text(best: dict, spec: SweepSpec, sid: str) -> str:
     header = (f"# Best trial of sweep {sid} ({spec.path}): {best['trial_id']}, "
               f"{spec.metric} = {best[spec.metric]:.6g} at step {best['step']} (mean over "
               f"{best.get('num_seeds', 1)} seed(s)).\n"
-              f"# Use it as an overlay:  python -m jetformer <command> --preset <this file>\n"
+              f"# Use it as an overlay:  python -m jetformer <command> "
+              + "".join(f"--preset {p} " for p in spec.presets) + "--preset <this file>\n"
               f"# or as a DVC experiment: dvc exp run {dvc}\n"
               f"# (the sweep's fixed budget overrides are not included: {spec.overrides})\n")
     return header + yaml.safe_dump(nest(values), sort_keys=False)
