@@ -96,7 +96,7 @@ def main(argv=None) -> dict:
     rest_train, rest_test = train[:, d:], test[:, d:]
     var = pca["explained_variance"].double().numpy()[d:] + DEQUANT_VAR
 
-    def bits(nats: np.ndarray) -> float:        # per image dim: sum over dims / 3p², mean over patches
+    def bits(nats: np.ndarray) -> float:   # per image dim: sum over dims / 3p², mean over patches
         return float(nats.sum(1).mean() / dim / LN2)
 
     centred = rest_train - rest_train.mean(0)

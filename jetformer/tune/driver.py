@@ -139,8 +139,8 @@ def _summary_md(rows: list[dict], best: dict | None, spec: SweepSpec, sid: str, 
              f"scheduler {spec.scheduler}; {t['steps']} steps at batch {t['batch_size']} per "
              "trial; "
              f"validation every {t['checkpoint_every']} steps on {spec.validation['fid_samples']} "
-             f"samples; wall time {wall_s / 60:.1f} min (this `sweep` call: a restored sweep counts "
-             f"from its restore); MLflow parent run `{parent_run_id}`.", "",
+             f"samples; wall time {wall_s / 60:.1f} min (this `sweep` call: a restored sweep "
+             f"counts from its restore); MLflow parent run `{parent_run_id}`.", "",
              *markdown_table(keys, [[r.get(k) for k in keys] for r in rows])]
     if best:
         lines += ["", f"Best: `{best['trial_id']}` with "
