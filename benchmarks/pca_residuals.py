@@ -9,7 +9,8 @@ Fits PCA on the first `pca.num_images` training images of the preset's prepared 
 u ~ U(0, 1/127.5)) and scores the `3p² - model.factored_dims` factored-out PCA coordinates under
 three per-dimension models fitted on the training patches:
 
-  gaussian    N(mean, explained_variance + Var[u]): the `pca` variant's prior at init
+  gaussian    the `pca` variant's prior at init (`pca_prior_init`: maximum likelihood from
+              the fitted variances plus the dequantisation variance)
   laplace     median and mean absolute deviation
   histogram   a per-dimension histogram density (bins of `--bin-frac` × the dequantisation
               width, add-half smoothing): about the best any per-dimension marginal can do
@@ -35,22 +36,22 @@ from jetformer.config import load_config  # noqa: E402
 from jetformer.data.dataset import ArrowImageDataset  # noqa: E402
 from jetformer.data.pca import image_patches  # noqa: E402
 from jetformer.data.stages import fit_train_pca  # noqa: E402
-from jetformer.models.factoring import DEQUANT_VAR, PIXEL_SCALE  # noqa: E402
+from jetformer.models.factoring import PIXEL_SCALE, pca_prior_init  # noqa: E402
 from jetformer.safe_io import atomic_write_json  # noqa: E402
 
 LN2 = math.log(2.0)
 
 
-def pca_coordinates(images: np.ndarray, pca: dict, rng: np.random.Generator) -> np.ndarray:
-    """Dequantised patches in the PCA basis, [M, 3p²] (mean of the undequantised fit removed)."""
+def pca_coordinates(images: np.ndarray, pca: dict, mean: np.ndarray,
+                    rng: np.random.Generator) -> np.ndarray:
+    """Dequantised patches in the PCA basis, centred on the model's `mean`, [M, 3p²]."""
     x = image_patches(images, pca["patch_size"])
     x = x + rng.uniform(0.0, 1.0 / PIXEL_SCALE, size=x.shape)
-    return (x - pca["mean"].double().numpy()) @ pca["components"].double().numpy().T
+    return (x - mean) @ pca["components"].double().numpy().T
 
 
-def gaussian_nats(train: np.ndarray, test: np.ndarray, var: np.ndarray) -> np.ndarray:
-    mean = train.mean(0)
-    return 0.5 * np.log(2 * np.pi * var) + 0.5 * (test - mean) ** 2 / var
+def gaussian_nats(test: np.ndarray, log_scale: np.ndarray) -> np.ndarray:
+    return 0.5 * np.log(2 * np.pi) + log_scale + 0.5 * test ** 2 * np.exp(-2 * log_scale)
 
 
 def laplace_nats(train: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -88,20 +89,21 @@ def main(argv=None) -> dict:
     pca, n_train = fit_train_pca(cfg)
     val = ArrowImageDataset(cfg.data.prepared_dir, "val")
     n_val = min(args.val_images, len(val))
+    d = cfg.model.factored_dims
+    mean, log_scale = (t.double().numpy() for t in pca_prior_init(pca, d))
     rng = np.random.default_rng(args.seed)
     train = pca_coordinates(ArrowImageDataset(cfg.data.prepared_dir, "train")
-                            .images(range(n_train)).numpy(), pca, rng)
-    test = pca_coordinates(val.images(range(n_val)).numpy(), pca, rng)
-    dim, d = train.shape[1], cfg.model.factored_dims
+                            .images(range(n_train)).numpy(), pca, mean, rng)
+    test = pca_coordinates(val.images(range(n_val)).numpy(), pca, mean, rng)
+    dim = train.shape[1]
     rest_train, rest_test = train[:, d:], test[:, d:]
-    var = pca["explained_variance"].double().numpy()[d:] + DEQUANT_VAR
 
     def bits(nats: np.ndarray) -> float:   # per image dim: sum over dims / 3p², mean over patches
         return float(nats.sum(1).mean() / dim / LN2)
 
     centred = rest_train - rest_train.mean(0)
     kurt = (centred ** 4).mean(0) / centred.var(0) ** 2
-    scores = {"gaussian": bits(gaussian_nats(rest_train, rest_test, var)),
+    scores = {"gaussian": bits(gaussian_nats(rest_test, log_scale)),
               "laplace": bits(laplace_nats(rest_train, rest_test)),
               "histogram": bits(histogram_nats(rest_train, rest_test,
                                                args.bin_frac / PIXEL_SCALE))}
